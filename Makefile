@@ -1,0 +1,36 @@
+# Quick start: `make demo` and `make test`. Each creates .venv when missing and installs
+# torch==2.13.0 (the CPU build) before anything else, so no CUDA build is ever pulled in.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.softmerge-installed
+
+# Torch's OpenMP threads spin while waiting; on a 2-core machine that costs 20-30x whenever
+# another process is busy. Passive waiting keeps timings honest.
+export OMP_WAIT_POLICY := PASSIVE
+
+.PHONY: install demo test lint bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	# Test-only reference for the parity tests. --no-deps: mergekit's merge methods need only
+	# torch, pydantic and numpy; its full dependency set (transformers, datasets...) is not used.
+	$(PY) -m pip install -q --no-deps mergekit==0.1.5 || \
+		echo "mergekit could not be installed: the parity tests will be skipped"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/softmerge demo --out demo-out
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests benchmarks
+
+test: $(STAMP) lint
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf demo-out bench-out .pytest_cache .ruff_cache

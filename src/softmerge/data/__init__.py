@@ -1,0 +1,41 @@
+"""Data sets for training candidates and learning merges: train / merge / test splits.
+
+Every loader returns a :class:`Splits` whose ``merge`` part is held out from training, so merge
+gates or greedy soups are tuned on data that none of the candidates has seen.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from softmerge.data.digits import digits_splits
+from softmerge.data.mnist import mnist_splits, read_idx
+from softmerge.data.mnist1d import mnist1d_splits
+from softmerge.data.splits import Splits
+from softmerge.errors import DataError
+
+__all__ = [
+    "LOADERS",
+    "Splits",
+    "digits_splits",
+    "load_splits",
+    "mnist1d_splits",
+    "mnist_splits",
+    "read_idx",
+]
+
+LOADERS: dict[str, Callable[..., Splits]] = {
+    "mnist1d": mnist1d_splits,
+    "mnist": mnist_splits,
+    "digits": digits_splits,
+}
+
+
+def load_splits(name: str, **kwargs: object) -> Splits:
+    """Build the splits of the data set ``name``; ``kwargs`` go to its loader."""
+    try:
+        loader = LOADERS[name.lower()]
+    except KeyError:
+        valid = ", ".join(sorted(LOADERS))
+        raise DataError(f"unknown data set {name!r}; valid names: {valid}") from None
+    return loader(**kwargs)

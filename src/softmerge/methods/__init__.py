@@ -1,0 +1,1 @@
+"""Merge methods users compare soft merging against."""

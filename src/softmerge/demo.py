@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from .data import mnist1d_splits
 from .io import write_json, write_safetensors, write_text
@@ -31,6 +31,7 @@ State = Mapping[str, torch.Tensor]
 CLEAN = 5
 CHANNELS = 64  # 32 channels: best child 77 %, soup 78 %; 64: ~90 % (more realistic optima)
 PARENT_EPOCHS, CHILD_EPOCHS = 5, 15
+QUICK_SIZES = {"num_train": 2000, "num_merge": 500, "num_test": 500}
 
 
 def make_children(splits, seed: int, progress: bool) -> list[dict[str, torch.Tensor]]:
@@ -83,17 +84,21 @@ def _accuracy(state: State, dataset) -> tuple[float, float]:
 def soft_merge(
     candidates: dict[str, State],
     granularity: str,
-    merge_loader: DataLoader,
+    merge_set: Dataset,
     seed: int,
     progress: bool,
 ) -> SoftMerger:
+    """One soft merge with its own seeded loader: each result reproduces on its own."""
+    loader = DataLoader(
+        merge_set, batch_size=128, shuffle=True, generator=torch.Generator().manual_seed(seed)
+    )
     merger = SoftMerger(
         CNN1D(channels=CHANNELS),
         list(candidates.values()),
         MergePlan(granularity=granularity),
         names=list(candidates),
     )
-    merger.fit(merge_loader, config=FitConfig(seed=seed, progress=progress))
+    merger.fit(loader, config=FitConfig(seed=seed, progress=progress))
     return merger
 
 
@@ -106,7 +111,7 @@ def run_demo(
     """
     start = time.perf_counter()
     out = Path(out_dir)
-    sizes = dict(num_train=2000, num_merge=500, num_test=500) if quick else {}
+    sizes = QUICK_SIZES if quick else {}
     splits = mnist1d_splits(**sizes)
     children = make_children(splits, seed, progress)
     clean = {f"child{k}": s for k, s in enumerate(children)}
@@ -118,9 +123,6 @@ def run_demo(
     for name, state in everyone.items():
         write_safetensors(out / "candidates" / f"{name}.safetensors", state)
 
-    merge_loader = DataLoader(
-        splits.merge, batch_size=128, shuffle=True, generator=torch.Generator().manual_seed(seed)
-    )
     rows: dict[str, tuple[float, float]] = {
         n: _accuracy(s, splits.test) for n, s in everyone.items()
     }
@@ -139,7 +141,7 @@ def run_demo(
     for granularity in ("model", "tensor"):
         for suffix, pool in (("", clean), ("_all", everyone)):
             name = f"soft_{granularity}{suffix}"
-            merger = soft_merge(pool, granularity, merge_loader, seed, progress)
+            merger = soft_merge(pool, granularity, splits.merge, seed, progress)
             merger.export(out / name)
             rows[name] = _accuracy(merger.merged_state_dict(), splits.test)
             # The file users get must give the reported number: reload it into a fresh module.

@@ -635,9 +635,9 @@ class SoftMerger:
 
     def candidate_gates(self) -> dict[str, dict[str, float]] | None:
         """The candidate-level gates (two-level gating), or None at model granularity."""
-        la = self.log_alpha_candidate
-        if la is None:
+        if self.log_alpha_candidate is None:
             return None
+        la = self.log_alpha_candidate.detach()
         with torch.no_grad():
             gate, pnz = hc.deterministic_gates(la), hc.prob_nonzero(la)
         return {

@@ -1,0 +1,620 @@
+"""The YAML config of ``softmerge merge``: schema, path resolution and one-line errors.
+
+A config names the model (an importable factory), the candidate checkpoints, the data, the
+merge plan, the fit settings and the output folder::
+
+    model:      {factory: softmerge.zoo:CNN1D, kwargs: {num_classes: 10}}
+    candidates: [ckpt/a.safetensors, {path: ckpt/b.pt, name: b}]
+    data:       {dataset: mnist1d}
+    plan:       {granularity: tensor}          # fields of MergePlan
+    fit:        {steps: 300, l0_lambda: 0.01}  # fields of FitConfig
+    output:     {dir: merged-out}
+
+The ``plan`` and ``fit`` sections are generated from the :class:`MergePlan` and
+:class:`FitConfig` dataclasses, so their keys and defaults cannot drift from the library's.
+Relative paths resolve against the config file's folder. Every problem, from a YAML syntax
+error to a missing checkpoint or an unimportable factory, is found before any work starts and
+raised as one :class:`ConfigError` line: ``merge.yaml: fit.l0_lambda: must be >= 0, got -1.0``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib
+import inspect
+import os
+import re
+import sys
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any, Literal, get_args, get_type_hints
+
+import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    ValidationInfo,
+    create_model,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
+from torch import nn
+
+from .candidates import _default_name
+from .data import LOADERS
+from .errors import ConfigError, SoftmergeError
+from .plan import MergePlan
+from .soft import FitConfig
+
+DATASETS: tuple[str, ...] = (*LOADERS, "tensors")
+# Strict: YAML already gives typed values, so "300" (a quoted string) for steps is a mistake,
+# not something to coerce.
+_STRICT = ConfigDict(strict=True, extra="forbid")
+
+
+# ---------------------------------------------------------------------------------------------
+# Paths: resolved against the config's folder (passed as validation context), checked to exist.
+
+
+def _resolve(value: Any, info: ValidationInfo) -> Path:
+    if not isinstance(value, (str, os.PathLike)) or not os.fspath(value):
+        raise PydanticCustomError("path_type", "expected a path, got {got}", {"got": repr(value)})
+    root = (info.context or {}).get("root") or Path.cwd()
+    return Path(root) / Path(value).expanduser()
+
+
+def _existing_path(value: Any, info: ValidationInfo) -> Path | None:
+    if value is None:
+        return None
+    path = _resolve(value, info)
+    if not path.exists():
+        raise PydanticCustomError(
+            "path_missing", "no such file or folder: {path}", {"path": str(path)}
+        )
+    return path
+
+
+def _output_path(value: Any, info: ValidationInfo) -> Path:
+    return _resolve(value, info)
+
+
+ExistingPath = Annotated[Path | None, BeforeValidator(_existing_path)]
+OutputPath = Annotated[Path, BeforeValidator(_output_path)]
+
+
+def _none_as_empty(value: Any) -> Any:
+    """``fit:`` with every line commented out is None in YAML; read it as an empty section."""
+    return {} if value is None else value
+
+
+# ---------------------------------------------------------------------------------------------
+# The schema.
+
+
+class ModelSection(BaseModel):
+    model_config = _STRICT
+    factory: str
+    kwargs: Annotated[dict[str, Any], BeforeValidator(_none_as_empty)] = Field(default_factory=dict)
+
+
+class CandidateEntry(BaseModel):
+    model_config = _STRICT
+    path: ExistingPath
+    name: Annotated[str, Field(min_length=1)] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bare_path(cls, data: Any) -> Any:
+        return {"path": data} if isinstance(data, (str, os.PathLike)) else data
+
+
+class DataSection(BaseModel):
+    model_config = _STRICT
+    dataset: Literal[DATASETS]  # type: ignore[valid-type]
+    path: ExistingPath = None
+    merge: ExistingPath = None
+    eval: ExistingPath = None
+    kwargs: Annotated[dict[str, Any], BeforeValidator(_none_as_empty)] = Field(default_factory=dict)
+    batch_size: Annotated[int, Field(ge=1)] = 128
+    seed: int = 0
+
+
+class OutputSection(BaseModel):
+    model_config = _STRICT
+    dir: OutputPath
+
+
+def _section_from_dataclass(name: str, cls: type, overrides: Mapping[str, Any]) -> type[BaseModel]:
+    """A strict pydantic model with the dataclass's fields and defaults (types from overrides)."""
+    hints = get_type_hints(cls)
+    fields: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        default = (
+            Field(default_factory=f.default_factory)
+            if f.default_factory is not dataclasses.MISSING
+            else f.default
+        )
+        fields[f.name] = (overrides.get(f.name, hints[f.name]), default)
+    return create_model(name, __config__=_STRICT, **fields)
+
+
+PlanSection = _section_from_dataclass("PlanSection", MergePlan, {})
+FitSection = _section_from_dataclass(
+    "FitSection",
+    FitConfig,
+    {
+        "steps": Annotated[int | None, Field(ge=1)],
+        "epochs": Annotated[float | None, Field(gt=0)],
+        "lr": Annotated[float, Field(gt=0)],
+        "l0_lambda": Annotated[float, Field(ge=0)],
+        "init_gate": Annotated[float, Field(gt=0, lt=1)],
+        "objective": Literal["cross_entropy", "entropy"],
+        "eval_every": Annotated[int, Field(ge=0)],
+        "record_every": Annotated[int, Field(ge=1)],
+        "rank_batches": Annotated[int, Field(ge=1)],
+        "grad_clip": Annotated[float | None, Field(gt=0)],
+    },
+)
+
+
+class MergeConfig(BaseModel):
+    """A validated merge config; paths are absolute, every candidate has a name."""
+
+    model_config = _STRICT
+    model: ModelSection
+    candidates: Annotated[list[CandidateEntry], Field(min_length=2)]
+    data: DataSection
+    # The YAML key is ``plan``; the attribute has another name so ``plan()`` can be a method.
+    plan_section: PlanSection = Field(default_factory=PlanSection, alias="plan")  # type: ignore[valid-type]
+    fit: FitSection = Field(default_factory=FitSection)  # type: ignore[valid-type]
+    output: OutputSection
+
+    _source: Path = PrivateAttr(default_factory=Path)
+    _root: Path = PrivateAttr(default_factory=Path.cwd)
+    _factory: Callable[..., Any] | None = PrivateAttr(default=None)
+
+    @field_validator("plan_section", "fit", mode="before")
+    @classmethod
+    def _empty_section(cls, value: Any) -> Any:
+        return _none_as_empty(value)
+
+    @property
+    def source(self) -> Path:
+        """The config file this was read from."""
+        return self._source
+
+    def plan(self) -> MergePlan:
+        return MergePlan(**self.plan_section.model_dump())
+
+    def fit_config(self) -> FitConfig:
+        return FitConfig(**self.fit.model_dump())
+
+    def candidate_paths(self) -> list[Path]:
+        return [c.path for c in self.candidates]
+
+    def candidate_names(self) -> list[str]:
+        return [str(c.name) for c in self.candidates]
+
+    def input_paths(self) -> list[tuple[str, Path]]:
+        """(config key, path) of every file or folder the merge reads."""
+        found = [(f"candidates[{i}]", c.path) for i, c in enumerate(self.candidates)]
+        found += [(f"data.{k}", getattr(self.data, k)) for k in ("path", "merge", "eval")]
+        base = self.plan_section.base
+        if base is not None and base not in self.candidate_names():
+            found.append(("plan.base", Path(base)))
+        return [(key, path) for key, path in found if path is not None]
+
+    def build_model(self) -> nn.Module:
+        """Call the factory with ``model.kwargs``; a failure names the factory and the error."""
+        factory = self._factory or _import_factory(
+            self.model.factory, self._root, _Reporter(self._source)
+        )
+        where = f"{self._source}: model.factory"
+        try:
+            model = factory(**self.model.kwargs)
+        except SoftmergeError:
+            raise
+        except Exception as exc:
+            raise ConfigError(
+                f"{where}: {self.model.factory}(**{self.model.kwargs}) failed: "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
+        if not isinstance(model, nn.Module):
+            raise ConfigError(
+                f"{where}: {self.model.factory} returned a {type(model).__name__}, "
+                "not a torch.nn.Module"
+            )
+        return model
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading YAML.
+
+
+class _YamlLoader(yaml.SafeLoader):
+    """``yaml.safe_load`` plus two fixes for hand-written configs: ``1e-3`` is a float (PyYAML
+    follows YAML 1.1, where it is a string), and a key given twice is an error, not silently
+    the last value."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None,
+                    None,
+                    f"key {key!r} is given twice (first on line {seen[key] + 1})",
+                    key_node.start_mark,
+                )
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep)
+
+
+_YamlLoader.add_constructor(
+    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _YamlLoader.construct_mapping
+)
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+
+        |[-+]?\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.VERBOSE,
+    ),
+    list("-+0123456789."),
+)
+
+
+def _read_yaml(path: Path) -> Any:
+    if not path.exists():
+        raise ConfigError(f"{path}: config file not found")
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a folder, expected a YAML config file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read: {exc}") from exc
+    try:
+        # A SafeLoader subclass: as safe as yaml.safe_load (no arbitrary objects).
+        return yaml.load(text, Loader=_YamlLoader)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        raise ConfigError(f"{path}: {where}invalid YAML: {exc.problem}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: invalid YAML: {exc}") from exc
+
+
+def load_config(path: str | os.PathLike[str]) -> MergeConfig:
+    """Read and check a merge config; raise ConfigError naming the file and the key."""
+    source = Path(path)
+    data = _read_yaml(source)
+    return parse_config(data, source=source, root=source.absolute().parent)
+
+
+def parse_config(data: Any, *, source: str | os.PathLike[str], root: Path) -> MergeConfig:
+    """Validate already-parsed config data; relative paths resolve against ``root``."""
+    src = Path(source)
+    if data is None:
+        raise ConfigError(f"{src}: the config is empty")
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"{src}: the top level must be a mapping of sections "
+            f"({', '.join(_allowed_keys(MergeConfig))}), got {_kind(data)}"
+        )
+    try:
+        cfg = MergeConfig.model_validate(data, context={"root": root.absolute()})
+    except ValidationError as exc:
+        raise ConfigError(f"{src}: {_describe_errors(exc)}") from None
+    cfg._source, cfg._root = src, root.absolute()
+    _check(cfg, _Reporter(src))
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------
+# Pydantic errors as one line: key path, what was expected, what was given.
+
+
+def _kind(value: Any) -> str:
+    return {list: "a list", str: "a string", int: "a number", float: "a number"}.get(
+        type(value), f"a {type(value).__name__}"
+    )
+
+
+def _key_path(loc: Sequence[str | int]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _got(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _suggest(word: str, choices: Sequence[str]) -> str:
+    close = difflib.get_close_matches(str(word), list(choices), n=1)
+    return f"; did you mean '{close[0]}'?" if close else ""
+
+
+def _allowed_keys(cls: type[BaseModel]) -> list[str]:
+    return [f.alias or name for name, f in cls.model_fields.items()]
+
+
+def _section_at(loc: Sequence[str | int]) -> type[BaseModel] | None:
+    """The schema class of the mapping at ``loc`` (list indices step into the item type)."""
+    cls: type[BaseModel] = MergeConfig
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = next((f for n, f in cls.model_fields.items() if (f.alias or n) == part), None)
+        if field is None:
+            return None
+        nested = [t for t in _flatten_type(field.annotation) if _is_model(t)]
+        if not nested:
+            return None
+        cls = nested[0]
+    return cls
+
+
+def _flatten_type(tp: Any) -> Iterator[Any]:
+    yield tp
+    for arg in get_args(tp):
+        yield from _flatten_type(arg)
+
+
+def _is_model(tp: Any) -> bool:
+    return isinstance(tp, type) and issubclass(tp, BaseModel)
+
+
+_BOUNDS = {
+    "greater_than_equal": (">=", "ge"),
+    "greater_than": (">", "gt"),
+    "less_than": ("<", "lt"),
+    "less_than_equal": ("<=", "le"),
+}
+_TYPE_NAMES = {
+    "int": "an integer",
+    "float": "a number",
+    "bool": "true or false",
+    "string": "a string",
+    "list": "a list",
+    "dict": "a mapping",
+    "model": "a mapping",
+}
+
+
+def _describe_one(err: Mapping[str, Any]) -> str:
+    kind, ctx, loc = err["type"], err.get("ctx") or {}, err["loc"]
+    got = _got(err.get("input"))
+    if kind == "extra_forbidden":
+        section = _section_at(loc[:-1])
+        allowed = _allowed_keys(section) if section else []
+        listed = f"; allowed: {', '.join(allowed)}" if allowed else ""
+        return f"unknown key{_suggest(str(loc[-1]), allowed) or listed}"
+    if kind == "missing":
+        return "required key is missing"
+    if kind == "literal_error":
+        choices = re.findall(r"'([^']*)'", str(ctx.get("expected", "")))
+        hint = _suggest(err.get("input"), choices)
+        return f"expected one of {', '.join(choices)}, got {got}{hint}"
+    if kind in _BOUNDS:
+        symbol, key = _BOUNDS[kind]
+        bound = ctx[key]
+        if isinstance(bound, float) and bound.is_integer():
+            bound = int(bound)  # pydantic stores ge=0 of a float field as 0.0
+        return f"must be {symbol} {bound}, got {got}"
+    if kind == "too_short":
+        return f"needs at least {ctx['min_length']} entries, got {ctx['actual_length']}"
+    base = kind.split("_")[0]
+    if base in _TYPE_NAMES and kind.endswith(("_type", "_parsing", "_from_float")):
+        return f"expected {_TYPE_NAMES[base]}, got {got}"
+    if kind in ("path_type", "path_missing"):
+        return str(err["msg"])
+    return f"{str(err['msg'])[:1].lower()}{str(err['msg'])[1:]}, got {got}"
+
+
+def _describe_errors(exc: ValidationError) -> str:
+    errors = exc.errors(include_url=False)
+    first = errors[0]
+    text = f"{_key_path(first['loc'])}: {_describe_one(first)}"
+    more = len(errors) - 1
+    return text + (f" (and {more} more problem{'s' * (more > 1)})" if more else "")
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks across keys, and the ones that need the file system or an import.
+
+
+@dataclasses.dataclass
+class _Reporter:
+    source: Path
+
+    def fail(self, key: str, message: str) -> ConfigError:
+        return ConfigError(f"{self.source}: {key}: {message}")
+
+
+def _check(cfg: MergeConfig, report: _Reporter) -> None:
+    cfg._factory = _import_factory(cfg.model.factory, cfg._root, report)
+    _check_kwargs(cfg._factory, cfg.model.kwargs, "model.kwargs", cfg.model.factory, report)
+    _check_data(cfg.data, cfg.fit.objective, report)
+    _name_candidates(cfg.candidates, report)
+    _check_base(cfg, report)
+    _check_rest_from(cfg, report)
+    for key, build in (("plan", cfg.plan), ("fit", cfg.fit_config)):
+        try:
+            build()
+        except SoftmergeError as exc:  # the dataclasses' own checks, e.g. delta without a base
+            raise report.fail(key, str(exc)) from None
+
+
+_FACTORY = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
+
+
+@contextmanager
+def _importable_from(folder: Path) -> Iterator[None]:
+    """Let ``factory: mymodels:Net`` find a ``mymodels.py`` that sits beside the config."""
+    sys.path.insert(0, str(folder))
+    try:
+        yield
+    finally:
+        if str(folder) in sys.path:
+            sys.path.remove(str(folder))
+
+
+def _import_factory(spec: str, root: Path, report: _Reporter | None = None) -> Callable[..., Any]:
+    report = report or _Reporter(Path("config"))
+    if not _FACTORY.match(spec):
+        raise report.fail(
+            "model.factory",
+            f"expected 'module:callable' (e.g. softmerge.zoo:CNN1D), got {spec!r}",
+        )
+    module_name, attr_path = spec.split(":")
+    try:
+        with _importable_from(root):
+            module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name and (module_name + ".").startswith(exc.name + "."):  # the module itself
+            raise report.fail(
+                "model.factory", f"cannot import module '{module_name}': {exc}"
+            ) from None
+        raise report.fail(
+            "model.factory", f"importing module '{module_name}' failed: {exc}"
+        ) from None
+    except Exception as exc:  # the user's module may raise anything while it is imported
+        raise report.fail(
+            "model.factory",
+            f"importing module '{module_name}' failed: {type(exc).__name__}: {exc}",
+        ) from None
+    obj: Any = module
+    for i, part in enumerate(attr_path.split(".")):
+        if not hasattr(obj, part):
+            owner = ".".join([module_name, *attr_path.split(".")[:i]])
+            names = [n for n in dir(obj) if not n.startswith("_")]
+            raise report.fail(
+                "model.factory", f"'{owner}' has no attribute '{part}'{_suggest(part, names)}"
+            )
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise report.fail(
+            "model.factory", f"'{spec}' is not callable (it is a {type(obj).__name__})"
+        )
+    return obj
+
+
+def _check_kwargs(
+    func: Callable[..., Any], kwargs: Mapping[str, Any], key: str, label: str, report: _Reporter
+) -> None:
+    """Catch a misspelt or missing argument now, not after the data has been loaded."""
+    try:
+        sig = inspect.signature(func)
+    except (TypeError, ValueError):  # builtins and some C extensions have no signature
+        return
+    params = sig.parameters
+    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        for name in kwargs:
+            if name not in params:
+                raise report.fail(
+                    f"{key}.{name}", f"not an argument of {label}{_suggest(name, list(params))}"
+                )
+    try:
+        sig.bind(**kwargs)
+    except TypeError as exc:
+        raise report.fail(key, f"{label}: {exc}") from None
+
+
+def _check_data(data: DataSection, objective: str, report: _Reporter) -> None:
+    ds = data.dataset
+    if ds == "tensors":
+        if data.merge is None:
+            raise report.fail(
+                "data.merge", "required with dataset 'tensors' (a file holding tensors x and y)"
+            )
+        for key in ("path", "kwargs"):
+            if getattr(data, key):
+                raise report.fail(f"data.{key}", "not used with dataset 'tensors'")
+        for key in ("merge", "eval"):
+            path = getattr(data, key)
+            if path is not None and path.is_dir():
+                raise report.fail(f"data.{key}", f"{path} is a folder, expected a tensors file")
+        return
+    for key in ("merge", "eval"):
+        if getattr(data, key) is not None:
+            raise report.fail(f"data.{key}", f"only used with dataset 'tensors', not {ds!r}")
+    if "path" in data.kwargs:
+        raise report.fail("data.kwargs.path", "set data.path instead")
+    loader = LOADERS[ds]
+    needs_path = "path" in inspect.signature(loader).parameters
+    if needs_path and data.path is None:
+        raise report.fail("data.path", f"dataset {ds!r} needs the folder holding its files")
+    if not needs_path and data.path is not None:
+        raise report.fail("data.path", f"not used with dataset {ds!r}")
+    if data.path is not None and not data.path.is_dir():
+        raise report.fail("data.path", f"{data.path} is not a folder")
+    given = {**data.kwargs, **({"path": data.path} if needs_path else {})}
+    _check_kwargs(loader, given, "data.kwargs", loader.__name__, report)
+
+
+def _name_candidates(entries: list[CandidateEntry], report: _Reporter) -> None:
+    """Give unnamed candidates their file stem; a repeated stem is numbered (a-1, a-2)."""
+    taken: dict[str, int] = {}
+    for i, entry in enumerate(entries):
+        if entry.name is None:
+            continue
+        if entry.name in taken:
+            raise report.fail(
+                f"candidates[{i}].name",
+                f"{entry.name!r} is already the name of candidates[{taken[entry.name]}]",
+            )
+        taken[entry.name] = i
+    unnamed = {i: _default_name(str(e.path), i) for i, e in enumerate(entries) if e.name is None}
+    stems = list(unnamed.values())
+    for i, stem in unnamed.items():
+        name, k = stem, 0
+        if stems.count(stem) > 1 or stem in taken:
+            while name in taken or k == 0:
+                k += 1
+                name = f"{stem}-{k}"
+        entries[i].name = name
+        taken[name] = i
+
+
+def _check_base(cfg: MergeConfig, report: _Reporter) -> None:
+    """plan.base names a candidate, or is a checkpoint path (relative to the config)."""
+    base = cfg.plan_section.base
+    if base is None or base in cfg.candidate_names():
+        return
+    path = cfg._root / Path(base).expanduser()
+    if not path.exists():
+        raise report.fail(
+            "plan.base",
+            f"{base!r} is neither a candidate name ({', '.join(cfg.candidate_names())}) "
+            f"nor an existing file ({path}){_suggest(base, cfg.candidate_names())}",
+        )
+    cfg.plan_section.base = str(path)
+
+
+def _check_rest_from(cfg: MergeConfig, report: _Reporter) -> None:
+    choice = cfg.plan_section.rest_from
+    allowed = ["best", "average", *cfg.candidate_names()]
+    if cfg.plan_section.combine == "delta":
+        allowed.append("base")
+    if choice not in allowed:
+        raise report.fail(
+            "plan.rest_from",
+            f"expected 'best', 'average' or a candidate name ({', '.join(allowed[2:])}), "
+            f"got {choice!r}{_suggest(choice, allowed)}",
+        )

@@ -42,6 +42,7 @@ from .config import MergeConfig, load_config
 from .data import load_splits
 from .errors import ConfigError, DataError, SoftmergeError
 from .io import write_json, write_text
+from .methods.soups import uniform_soup as average_states
 from .report import format_markdown_table, format_table, gates_to_dict
 from .soft import FitConfig, SoftMerger, has_batchnorm, logits_of, recalibrate_batchnorm
 from .zoo import evaluate
@@ -186,13 +187,7 @@ def uniform_soup(merger: SoftMerger, merge_loader: DataLoader) -> nn.Module:
     """Plain average of the finite candidates; BatchNorm statistics re-estimated on merge data
     (averaged running statistics do not describe averaged weights)."""
     pool = [c for c, ok in zip(merger.candidates, merger.active.tolist(), strict=True) if ok]
-    state = {
-        key: torch.stack([c.state[key].float() for c in pool]).mean(0).to(ref.dtype)
-        if ref.is_floating_point()
-        else ref
-        for key, ref in pool[0].state.items()
-    }
-    model = _with_state(merger.model, state)
+    model = _with_state(merger.model, average_states([c.state for c in pool]))
     if has_batchnorm(model):
         recalibrate_batchnorm(model, merge_loader)
     return model

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from .data import mnist1d_splits
@@ -145,8 +146,6 @@ def run_demo(
             merger.export(out / name)
             rows[name] = _accuracy(merger.merged_state_dict(), splits.test)
             # The file users get must give the reported number: reload it into a fresh module.
-            from safetensors.torch import load_file
-
             reloaded = _accuracy(load_file(str(out / name / "merged.safetensors")), splits.test)
             export_check[name] = reloaded == rows[name]
             effective = merger.deterministic_gates()

@@ -14,6 +14,7 @@ choices that are ours (initialisation, the penalty, the all-closed fallback).
 from __future__ import annotations
 
 import copy
+import itertools
 import logging
 import math
 import time
@@ -29,7 +30,7 @@ from torch.func import functional_call
 from tqdm.auto import tqdm
 
 from . import gates as hc
-from .candidates import Candidate, load_candidate, load_candidates
+from .candidates import Candidate, load_candidate, load_candidates, validate_candidates
 from .errors import CandidateError, DataError, PlanError
 from .plan import GateLayout, MergePlan, build_layout
 
@@ -237,7 +238,7 @@ class SoftMerger:
         if wanted is None:
             raise PlanError("combine 'delta' needs a base: pass base=... or set plan.base")
         base_cand = load_candidate(wanted, name="base")
-        load_candidates([cands[0], base_cand], min_count=2)  # same keys, shapes, dtypes
+        validate_candidates([cands[0], base_cand])  # same keys, shapes, dtypes
         if not base_cand.is_finite:
             raise CandidateError(f"{base_cand.source}: the base model has non-finite values")
         return base_cand, cands
@@ -417,11 +418,7 @@ class SoftMerger:
         """Loss of each candidate alone on the first ``batches`` batches; sets the reference."""
         self.model.eval()
         losses: dict[str, float] = {}
-        batch_list = []
-        for i, batch in enumerate(loader):
-            if i >= batches:
-                break
-            batch_list.append(batch)
+        batch_list = list(itertools.islice(loader, batches))
         if not batch_list:
             raise DataError("the merge data loader yields no batch (empty data set)")
         for cand, ok in zip(self.candidates, self.active.tolist(), strict=True):
@@ -462,7 +459,7 @@ class SoftMerger:
         warmup_steps = int(cfg.warmup * total_steps) if two_level else 0
         history: list[dict[str, Any]] = []
         trajectory: list[torch.Tensor] = []
-        window: list[tuple[float, float, float]] = []
+        window: list[tuple[float, float]] = []  # (loss, task loss) since the last record
         set_gate_training_mode(self.model)
         batches = _cycle(loader)
         bar = tqdm(range(1, total_steps + 1), desc="gates", disable=not cfg.progress, leave=False)
@@ -489,7 +486,7 @@ class SoftMerger:
                 # one such step cannot throw every gate far off (or stall Adam's moments).
                 torch.nn.utils.clip_grad_norm_(self.gate_parameters, cfg.grad_clip)
             optimizer.step()
-            window.append((loss.item(), task.item(), self.expected_l0()))
+            window.append((loss.item(), task.item()))
             if step % cfg.record_every == 0 or step == total_steps:
                 record = self._record(step, window, trajectory)
                 if (

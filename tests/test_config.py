@@ -347,7 +347,7 @@ def test_factory_failure_is_reported_when_building(folder: Path) -> None:
         (
             "- a\n- b\n",
             "the top level must be a mapping of sections (model, candidates, data, "
-            "plan, fit, output), got a list",
+            "plan, fit, output, method, params, methods), got a list",
         ),
         ("", "the config is empty"),
     ],

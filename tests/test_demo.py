@@ -6,10 +6,14 @@ reported accuracy, and a uniform soup that the malicious candidates ruin."""
 
 import json
 
+import pytest
+import yaml
 from safetensors.torch import load_file
 
+from softmerge.cli import main
 from softmerge.data import mnist1d_splits
 from softmerge.demo import CHANNELS, QUICK_SIZES, run_demo
+from softmerge.methods import METHOD_NAMES
 from softmerge.zoo import CNN1D, evaluate
 
 NAMES = [
@@ -25,8 +29,14 @@ NAMES = [
 ]
 
 
-def test_quick_demo(tmp_path):
-    summary = run_demo(tmp_path, quick=True, progress=False)
+@pytest.fixture(scope="module")
+def quick_demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    return out, run_demo(out, quick=True, progress=False)
+
+
+def test_quick_demo(quick_demo):
+    tmp_path, summary = quick_demo
     on_disk = json.loads((tmp_path / "summary.json").read_text())
     assert on_disk["accuracy"] == summary["accuracy"]
     acc = summary["accuracy"]
@@ -45,3 +55,30 @@ def test_quick_demo(tmp_path):
     )
     test_set = mnist1d_splits(**QUICK_SIZES).test
     assert round(evaluate(model, test_set)[0], 4) == acc["soft_tensor_all"]
+
+
+def test_compare_runs_every_method_on_the_demo_candidates(quick_demo, capsys):
+    """Issue 3's acceptance in miniature: one `softmerge compare` over the demo's clean
+    candidates (the parent as base) runs every registered method from YAML."""
+    out, _ = quick_demo
+    learn = {"steps": 30, "select_every": 10}
+    short = {"learned_soup": learn, "task_wise_adamerging": learn, "layer_wise_adamerging": learn}
+    short["soft"] = {"steps": 30}
+    entries = [  # slerp needs exactly 2 models: covered in tests/test_methods.py
+        {"method": name, "params": short.get(name, {})} for name in METHOD_NAMES if name != "slerp"
+    ]
+    config = {
+        "model": {"factory": "softmerge.zoo:CNN1D", "kwargs": {"channels": CHANNELS}},
+        "candidates": [str(out / "candidates" / f"child{k}.safetensors") for k in range(5)],
+        "data": {"dataset": "mnist1d", "kwargs": QUICK_SIZES, "held_out": 0.2},
+        "plan": {"base": str(out / "parent.safetensors")},
+        "methods": entries,
+        "output": {"dir": str(out / "compare")},
+    }
+    path = out / "compare.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["compare", str(path), "--no-progress", "-q"]) == 0
+    rows = json.loads((out / "compare" / "compare.json").read_text())["rows"]
+    assert [r["method"] for r in rows[5:]] == [e["method"] for e in entries]
+    printed = capsys.readouterr().out
+    assert all(e["method"] in printed for e in entries)

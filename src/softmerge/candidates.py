@@ -105,6 +105,10 @@ def _read_weights(p: Path) -> dict[str, Any]:
 
 def _read_safetensors(p: Path) -> dict[str, Any]:
     try:
+        # safetensors reports any failure to open (EACCES included) as "No such file or
+        # directory"; opening it here first gives the true reason.
+        with open(p, "rb"):
+            pass
         return load_file(str(p), device="cpu")
     except SafetensorError as exc:
         raise CandidateError(
@@ -149,7 +153,9 @@ def _load_error_detail(text: str) -> str:
         return found.group(1).strip()
     if "weights only load failed" in text.lower():
         return "not a valid pickle stream"
-    return next((line.strip() for line in text.splitlines() if line.strip()), "")
+    line = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    # torch appends advice sentences to some errors ("This is an internal miniz error. If...").
+    return re.split(r"(?<=[a-z)])\. (?=[A-Z])", line, maxsplit=1)[0]
 
 
 def _refused_message(p: Path, detail: str) -> str:
@@ -703,3 +709,54 @@ def _shape_text(shape: Sequence[int]) -> str:
 def _clip_left(text: str, width: int) -> str:
     """Keep the end of long names/paths: it is the distinctive part (layer, file name)."""
     return text if len(text) <= width else "..." + text[len(text) - width + 3 :]
+
+
+# --------------------------------------------------------------------------- candidates vs model
+
+
+def _dtype_kind(dtype: torch.dtype) -> str:
+    if dtype.is_floating_point:
+        return "floating"
+    if dtype.is_complex:
+        return "complex"
+    return "boolean" if dtype == torch.bool else "integer"
+
+
+def check_fits_model(cand: Candidate, model: torch.nn.Module) -> None:
+    """Raise CandidateError unless ``cand`` has the model's keys, shapes and kinds of dtype
+    (a float16 checkpoint fits a float32 model; an integer tensor for a float one does not)."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(cand.state))
+    extra = sorted(set(cand.state) - set(expected))
+    if missing or extra:
+        what = f"lacks '{missing[0]}'" if missing else f"has unexpected key '{extra[0]}'"
+        raise CandidateError(
+            f"{cand.source}: checkpoint does not fit the model: it {what} "
+            f"({len(missing)} missing, {len(extra)} unexpected keys)"
+        )
+    for key, ref in expected.items():
+        got = cand.state[key]
+        if tuple(got.shape) != tuple(ref.shape):
+            raise CandidateError(
+                f"{cand.source}: tensor '{key}' has shape {tuple(got.shape)} "
+                f"but the model expects {tuple(ref.shape)}"
+            )
+        if _dtype_kind(got.dtype) != _dtype_kind(ref.dtype):
+            raise CandidateError(
+                f"{cand.source}: tensor '{key}' has dtype {_dtype_name(got.dtype)} but the "
+                f"model expects {_dtype_name(ref.dtype)} ({_dtype_kind(ref.dtype)} values)"
+            )
+
+
+def split_base(
+    candidates: list[Candidate], wanted: CandidateSource
+) -> tuple[Candidate, list[Candidate]]:
+    """theta_0 of task vectors: a candidate's name (it leaves the pool) or a checkpoint."""
+    if isinstance(wanted, str) and wanted in {c.name for c in candidates}:
+        base = next(c for c in candidates if c.name == wanted)
+        return base, [c for c in candidates if c.name != wanted]
+    base = load_candidate(wanted, name="base")
+    validate_candidates([candidates[0], base])  # same keys, shapes, dtypes
+    if not base.is_finite:
+        raise CandidateError(f"{base.source}: the base model has non-finite values")
+    return base, candidates

@@ -38,11 +38,25 @@ from .candidates import (
     inspect_candidates,
     load_candidates,
 )
+from .checkpoint import checkpoint_path, remove_checkpoint
+from .compare import (
+    Entry,
+    candidate_rows,
+    default_entries,
+    method_row,
+    plain_info,
+    split_held_out,
+    table_markdown,
+    table_text,
+)
+from .compare import compare as compare_methods
 from .config import MergeConfig, load_config
 from .data import load_splits
-from .errors import ConfigError, DataError, SoftmergeError
-from .io import write_json, write_text
+from .errors import ConfigError, DataError, OutputError, PlanError, SoftmergeError
+from .io import os_reason, writable_problem, write_json, write_safetensors, write_text
+from .methods import METHOD_NAMES, REGISTRY, MergeContext
 from .methods.soups import uniform_soup as average_states
+from .plan import MergePlan
 from .report import format_markdown_table, format_table, gates_to_dict
 from .soft import FitConfig, SoftMerger, has_batchnorm, logits_of, recalibrate_batchnorm
 from .zoo import evaluate
@@ -246,12 +260,29 @@ def check_output_dir(out: Path, inputs: list[tuple[str, Path]], label: str) -> N
             )
 
 
+def output_dir(cfg: MergeConfig, args: argparse.Namespace) -> tuple[Path, str]:
+    """The output folder and how the user named it; refused now if it is an input or cannot be
+    written, not after an hour of training."""
+    out, label = _output_dir(cfg, args.out)
+    check_output_dir(out, cfg.input_paths(), label)
+    problem = writable_problem(out.parent) or (writable_problem(out) if out.is_dir() else None)
+    if problem:
+        raise OutputError(f"{label}: cannot write the output folder {out}: {problem}")
+    return out, label
+
+
 @contextlib.contextmanager
 def staged_output(out: Path) -> Iterator[Path]:
-    """Yield a hidden sibling folder; on success move its content into ``out``."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    stage = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
-    stage.mkdir()
+    """Yield a hidden sibling folder; on success move its content into ``out``.
+
+    A failed write (disk full, permissions) is one :class:`OutputError` naming the file the
+    user will look for in ``out``, not the staging copy; ``out`` is left as it was."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        stage = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
+        stage.mkdir()
+    except OSError as exc:
+        raise OutputError(f"{out}: cannot write the outputs: {os_reason(exc)}") from exc
     try:
         yield stage
         if not out.exists():
@@ -262,6 +293,10 @@ def staged_output(out: Path) -> Iterator[Path]:
             if item.is_dir() and dest.is_dir():
                 shutil.rmtree(dest)
             os.replace(item, dest)
+    except OutputError as exc:
+        raise OutputError(str(exc).replace(str(stage), str(out))) from exc
+    except OSError as exc:  # moving the staged files into place
+        raise OutputError(f"{out}: cannot write the outputs: {os_reason(exc)}") from exc
     finally:
         shutil.rmtree(stage, ignore_errors=True)
 
@@ -290,12 +325,31 @@ def _output_dir(cfg: MergeConfig, out: Path | None) -> tuple[Path, str]:
 def cmd_merge(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     cfg = load_config(args.config)
-    out, label = _output_dir(cfg, args.out)
-    check_output_dir(out, cfg.input_paths(), label)
-    fit_cfg = _fit_config(cfg, args)
+    out, _ = output_dir(cfg, args)
+    if args.resume and cfg.method != "soft":
+        raise ConfigError(f"--resume: only method 'soft' checkpoints, not {cfg.method!r}")
+    if cfg.method != "soft":
+        return merge_with_method(cfg, args, out, start)
+    ckpt = checkpoint_path(out)
+    if args.resume and not ckpt.is_file():
+        raise ConfigError(
+            f"--resume: no checkpoint of an interrupted run at {ckpt} (one is written every "
+            "fit.checkpoint_every steps, or --checkpoint-every K)"
+        )
+    try:
+        fit_cfg = _fit_config(cfg, args)
+    except PlanError as exc:  # the config is valid, so the culprit is a command-line value
+        raise PlanError(f"--seed: {exc}" if args.seed is not None else str(exc)) from None
+    if args.checkpoint_every is not None:
+        fit_cfg = dataclasses.replace(fit_cfg, checkpoint_every=args.checkpoint_every)
+    if ckpt.is_file() and not args.resume:
+        log.warning("%s: starting over; pass --resume to continue that interrupted run", ckpt)
     model = cfg.build_model()
     log.info("loading %d candidates", len(cfg.candidates))
-    merger = SoftMerger(model, cfg.candidate_paths(), cfg.plan(), names=cfg.candidate_names())
+    try:
+        merger = SoftMerger(model, cfg.candidate_paths(), cfg.plan(), names=cfg.candidate_names())
+    except PlanError as exc:  # e.g. an include pattern that matches no parameter of the model
+        raise PlanError(f"{cfg.source}: {exc}") from None
     data = load_data(cfg, fit_cfg.objective)
     check_model_runs(model, data.merge, data.merge_source, cfg.model.factory)
     if data.eval is not None:
@@ -310,7 +364,27 @@ def cmd_merge(args: argparse.Namespace) -> int:
         data.merge_source,
     )
     val_loader = eval_loader if fit_cfg.eval_every > 0 else None
-    merger.fit(merge_loader, val_loader=val_loader, config=fit_cfg)
+    checkpointing = bool(fit_cfg.checkpoint_every or args.resume)
+    # What else defines the run (a checkpoint of another one is refused): model and data.
+    run_key = json.dumps(
+        {"model": cfg.model.model_dump(), "data": cfg.data.model_dump(), "data_seed": seed},
+        sort_keys=True,
+        default=str,
+    )
+    try:
+        merger.fit(
+            merge_loader,
+            val_loader=val_loader,
+            config=fit_cfg,
+            checkpoint=ckpt if checkpointing else None,
+            resume=args.resume,
+            keep_checkpoint=True,  # until the outputs are written
+            run_key=run_key,
+        )
+    except KeyboardInterrupt:
+        if checkpointing and ckpt.is_file():
+            log.warning("training state kept in %s: add --resume to continue", ckpt)
+        raise
     rows: list[dict[str, Any]] = []
     if eval_loader is not None:
         log.info("evaluating on %d samples (%s)", len(eval_loader.dataset), data.eval_source)
@@ -321,6 +395,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
         summary["files"] = [p.name for p in files.values()] + ["summary.json", "summary.md"]
         write_json(stage / "summary.json", summary)
         write_text(stage / "summary.md", summary_markdown(summary))
+    remove_checkpoint(ckpt)
     print_merge_report(summary, out)
     return 0
 
@@ -382,6 +457,176 @@ def print_merge_report(summary: dict[str, Any], out: Path) -> None:
     else:
         print("no eval set (data.eval): evaluation skipped")
     print(f"\noutputs in {out}: {', '.join(summary['files'])}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Other registered methods: `method:` in the config (merge), or several at once (compare)
+
+
+@dataclass
+class MethodRun:
+    model: nn.Module
+    data: MergeData
+    loaders: dict[str, DataLoader | None]  # merge, held_out, eval
+    seed: int
+    progress: bool
+
+
+def prepare_method_run(cfg: MergeConfig, args: argparse.Namespace) -> MethodRun:
+    """Model, data and loaders for registry methods; data.held_out splits the merge set."""
+    model = cfg.build_model()
+    data = load_data(cfg, cfg.fit.objective)
+    check_model_runs(model, data.merge, data.merge_source, cfg.model.factory)
+    if data.eval is not None:
+        check_model_runs(model, data.eval, str(data.eval_source), cfg.model.factory)
+    seed = cfg.fit.seed if args.seed is None else args.seed
+    data_seed = cfg.data.seed if args.seed is None else args.seed
+    learn, held_out = split_held_out(data.merge, cfg.data.held_out, data_seed)
+    merge_loader, eval_loader = make_loaders(
+        dataclasses.replace(data, merge=learn), cfg.data.batch_size, data_seed
+    )
+    held_loader = None if held_out is None else DataLoader(held_out, batch_size=512)
+    loaders = {"merge": merge_loader, "held_out": held_loader, "eval": eval_loader}
+    progress = not (args.no_progress or _quiet(args))
+    return MethodRun(model, data, loaders, seed, progress)
+
+
+def method_context(cfg: MergeConfig, run: MethodRun, plan: MergePlan) -> MergeContext:
+    return MergeContext(
+        run.model,
+        cfg.candidate_paths(),
+        names=cfg.candidate_names(),
+        plan=plan,
+        merge_loader=run.loaders["merge"],
+        held_out_loader=run.loaders["held_out"],
+        seed=run.seed,
+        progress=run.progress,
+    )
+
+
+def merge_with_method(
+    cfg: MergeConfig, args: argparse.Namespace, out: Path, start: float
+) -> int:
+    """`softmerge merge` with `method:` other than soft: the merged state dict and a summary."""
+    method = cfg.build_method(cfg.method, cfg.params)
+    if not method.single_model:
+        raise ConfigError(
+            f"{cfg.source}: method: {cfg.method!r} keeps all {len(cfg.candidates)} models and "
+            "has no single merged state dict; use it in `softmerge compare`"
+        )
+    if args.steps is not None:
+        log.warning("--steps applies to soft merging only; ignored for %s", cfg.method)
+    run = prepare_method_run(cfg, args)
+    ctx = method_context(cfg, run, cfg.plan())
+    log.info("merging %d candidates with %s", len(ctx.pool), method)
+    outcome = method.merge(ctx)
+    assert outcome.state is not None  # single_model methods always return one
+    rows: list[dict[str, Any]] = []
+    if run.loaders["eval"] is not None:
+        rows = candidate_rows(ctx, run.loaders["eval"])
+        rows.append(method_row(cfg.method, method, outcome, ctx, run.loaders["eval"]))
+    summary = {
+        "softmerge_version": __version__,
+        "config": str(cfg.source.absolute()),
+        "output_dir": str(out),
+        "method": cfg.method,
+        "params": method.params.model_dump(by_alias=True),
+        "candidates": {c.name: c.source for c in ctx.pool},
+        "base": None if ctx.base_candidate is None else ctx.base_candidate.source,
+        "results": rows,
+        "info": plain_info(outcome.info),
+        "seconds": {
+            "merge": round(outcome.seconds, 3),
+            "total": round(time.perf_counter() - start, 3),
+        },
+        "files": ["merged.safetensors", "summary.json", "summary.md"],
+    }
+    with staged_output(out) as stage:
+        write_safetensors(stage / "merged.safetensors", outcome.state)
+        write_json(stage / "summary.json", summary)
+        lines = [f"# softmerge merge ({cfg.method})", "", f"- config: `{summary['config']}`", ""]
+        if rows:
+            lines += [table_markdown(rows), ""]
+        write_text(stage / "summary.md", "\n".join(lines))
+    if rows:
+        print(table_text(rows))
+    print(f"\noutputs in {out}: {', '.join(summary['files'])}")
+    return 0
+
+
+def compare_entries(cfg: MergeConfig, ctx: MergeContext, only: list[str] | None) -> list[Entry]:
+    if cfg.methods:
+        entries: list[Entry] = [
+            (e.title, cfg.build_method(e.method, e.params), cfg.plan_for(e) if e.plan else None)
+            for e in cfg.methods
+        ]
+    else:
+        soft = cfg.fit.model_dump(exclude={"seed", "progress"})
+        entries = default_entries(len(ctx.pool), ctx.base_candidate is not None, soft)
+    if only:
+        known = {label for label, _, _ in entries} | {m.name for _, m, _ in entries}
+        unknown = [name for name in only if name not in known]
+        if unknown:
+            raise ConfigError(
+                f"--methods: {unknown[0]!r} is not in this comparison "
+                f"(choose from: {', '.join(sorted(known))})"
+            )
+        entries = [e for e in entries if e[0] in only or e[1].name in only]
+    return entries
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    start = time.perf_counter()
+    cfg = load_config(args.config)
+    out, _ = output_dir(cfg, args)
+    run = prepare_method_run(cfg, args)
+    if run.loaders["eval"] is None:
+        raise ConfigError(f"{cfg.source}: data.eval: compare needs an eval set to score on")
+    only = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
+    ctx = method_context(cfg, run, cfg.plan())  # loads and checks the candidates once
+    entries = compare_entries(cfg, ctx, only)
+    rows = compare_methods(
+        run.model,
+        ctx.pool,
+        entries,
+        eval_loader=run.loaders["eval"],
+        plan=cfg.plan(),
+        base=ctx.base_candidate,
+        merge_loader=run.loaders["merge"],
+        held_out_loader=run.loaders["held_out"],
+        seed=run.seed,
+        progress=run.progress,
+    )
+    held = run.loaders["held_out"]
+    summary = {
+        "softmerge_version": __version__,
+        "config": str(cfg.source.absolute()),
+        "eval_set": {"source": run.data.eval_source, "samples": len(run.data.eval or [])},
+        "merge_set": {"source": run.data.merge_source, "samples": len(run.data.merge)},
+        "held_out_samples": 0 if held is None else len(held.dataset),
+        "seed": run.seed,
+        "threads": torch.get_num_threads(),
+        "rows": rows,
+        "seconds": round(time.perf_counter() - start, 3),
+    }
+    with staged_output(out) as stage:
+        write_json(stage / "compare.json", summary)
+        write_text(stage / "compare.md", "# softmerge compare\n\n" + table_markdown(rows) + "\n")
+    print(table_text(rows))
+    print(f"\ncompare.json and compare.md in {out}   ({summary['seconds']:.0f} s)")
+    return 0
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    """List the registered methods, what they need and their parameters with defaults."""
+    for name in METHOD_NAMES:
+        cls = REGISTRY[name]
+        needs = [w for w, flag in (("base", cls.needs_base), ("data", cls.needs_data)) if flag]
+        print(f"{name:22s} {cls.summary}" + (f"  [needs {', '.join(needs)}]" if needs else ""))
+        if args.verbose:
+            for key, field in cls.Params.model_fields.items():
+                print(f"    {field.alias or key} = {field.default!r}")
+    return 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -465,7 +710,56 @@ def build_parser() -> argparse.ArgumentParser:
         help="seed of the gate noise and of the merge-data order (overrides fit.seed, data.seed)",
     )
     merge.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+    def steps_or_zero(text: str) -> int:
+        if not text.strip().isdigit():
+            raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+        return int(text)
+
+    merge.add_argument(
+        "--checkpoint-every",
+        type=steps_or_zero,
+        metavar="K",
+        help="save the training state every K steps, for --resume (overrides "
+        "fit.checkpoint_every; 0: never)",
+    )
+    merge.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the gate training of an interrupted run from its checkpoint "
+        "(.<output folder>.checkpoint.pt beside the output folder)",
+    )
     merge.set_defaults(handler=cmd_merge)
+
+    comp = sub.add_parser(
+        "compare",
+        parents=[common],
+        help="run several merge methods on the same candidates and data; one table",
+        description="Run the config's `methods:` list (default: every method that applies) on "
+        "its candidates and data; print accuracy, loss, merge seconds and peak memory, and "
+        "write compare.json and compare.md into the output folder.",
+    )
+    comp.add_argument("config", type=Path, metavar="CONFIG.yaml")
+    comp.add_argument(
+        "--out", type=Path, metavar="DIR", help="output folder (overrides output.dir)"
+    )
+    comp.add_argument(
+        "--methods", metavar="A,B", help="only these entries (labels or method names)"
+    )
+    comp.add_argument(
+        "--seed", type=int, metavar="S", help="seed of every method and of the data order"
+    )
+    comp.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    comp.set_defaults(handler=cmd_compare)
+
+    methods = sub.add_parser(
+        "methods",
+        parents=[common],
+        help="list the merge methods usable as `method:` in a config",
+        description="List every registered merge method; -v adds parameters and defaults.",
+    )
+    methods.add_argument("-v", "--verbose", action="store_true", help="show parameters")
+    methods.set_defaults(handler=cmd_methods)
 
     inspect = sub.add_parser(
         "inspect",

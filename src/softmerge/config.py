@@ -29,18 +29,16 @@ import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_args, get_type_hints
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import (
     BaseModel,
     BeforeValidator,
-    ConfigDict,
     Field,
     PrivateAttr,
     ValidationError,
     ValidationInfo,
-    create_model,
     field_validator,
     model_validator,
 )
@@ -50,13 +48,13 @@ from torch import nn
 from .candidates import _default_name
 from .data import LOADERS
 from .errors import ConfigError, SoftmergeError
+from .methods import MergeMethod, get_method
 from .plan import MergePlan
+from .schema import STRICT as _STRICT
+from .schema import FitSection, PlanSection
 from .soft import FitConfig
 
 DATASETS: tuple[str, ...] = (*LOADERS, "tensors")
-# Strict: YAML already gives typed values, so "300" (a quoted string) for steps is a mistake,
-# not something to coerce.
-_STRICT = ConfigDict(strict=True, extra="forbid")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -123,7 +121,10 @@ class DataSection(BaseModel):
     eval: ExistingPath = None
     kwargs: Annotated[dict[str, Any], BeforeValidator(_none_as_empty)] = Field(default_factory=dict)
     batch_size: Annotated[int, Field(ge=1)] = 128
-    seed: int = 0
+    seed: Annotated[int, Field(ge=0, lt=2**64)] = 0  # torch.Generator's range
+    # Fraction of the merge set kept out of learning: greedy soup scores on it, and learned
+    # soup / AdaMerging keep their best iterate on it. 0: greedy soup scores on the merge set.
+    held_out: Annotated[float, Field(ge=0, lt=1)] = 0.0
 
 
 class OutputSection(BaseModel):
@@ -131,37 +132,23 @@ class OutputSection(BaseModel):
     dir: OutputPath
 
 
-def _section_from_dataclass(name: str, cls: type, overrides: Mapping[str, Any]) -> type[BaseModel]:
-    """A strict pydantic model with the dataclass's fields and defaults (types from overrides)."""
-    hints = get_type_hints(cls)
-    fields: dict[str, Any] = {}
-    for f in dataclasses.fields(cls):
-        default = (
-            Field(default_factory=f.default_factory)
-            if f.default_factory is not dataclasses.MISSING
-            else f.default
-        )
-        fields[f.name] = (overrides.get(f.name, hints[f.name]), default)
-    return create_model(name, __config__=_STRICT, **fields)
+class MethodEntry(BaseModel):
+    """One row of ``softmerge compare``: a registered method, its parameters, a plan override."""
 
+    model_config = _STRICT
+    method: str
+    label: str | None = None
+    params: Annotated[dict[str, Any], BeforeValidator(_none_as_empty)] = Field(default_factory=dict)
+    plan: Annotated[dict[str, Any], BeforeValidator(_none_as_empty)] = Field(default_factory=dict)
 
-PlanSection = _section_from_dataclass("PlanSection", MergePlan, {})
-FitSection = _section_from_dataclass(
-    "FitSection",
-    FitConfig,
-    {
-        "steps": Annotated[int | None, Field(ge=1)],
-        "epochs": Annotated[float | None, Field(gt=0)],
-        "lr": Annotated[float, Field(gt=0)],
-        "l0_lambda": Annotated[float, Field(ge=0)],
-        "init_gate": Annotated[float, Field(gt=0, lt=1)],
-        "objective": Literal["cross_entropy", "entropy"],
-        "eval_every": Annotated[int, Field(ge=0)],
-        "record_every": Annotated[int, Field(ge=1)],
-        "rank_batches": Annotated[int, Field(ge=1)],
-        "grad_clip": Annotated[float | None, Field(gt=0)],
-    },
-)
+    @model_validator(mode="before")
+    @classmethod
+    def _bare_name(cls, data: Any) -> Any:
+        return {"method": data} if isinstance(data, str) else data
+
+    @property
+    def title(self) -> str:
+        return self.label or self.method
 
 
 class MergeConfig(BaseModel):
@@ -175,6 +162,11 @@ class MergeConfig(BaseModel):
     plan_section: PlanSection = Field(default_factory=PlanSection, alias="plan")  # type: ignore[valid-type]
     fit: FitSection = Field(default_factory=FitSection)  # type: ignore[valid-type]
     output: OutputSection
+    # `softmerge merge` runs `method` (any registered name) with `params`; for "soft" the
+    # params override the fit section. `softmerge compare` runs every entry of `methods`.
+    method: str = "soft"
+    params: Annotated[dict[str, Any], BeforeValidator(_none_as_empty)] = Field(default_factory=dict)
+    methods: list[MethodEntry] | None = None
 
     _source: Path = PrivateAttr(default_factory=Path)
     _root: Path = PrivateAttr(default_factory=Path.cwd)
@@ -195,6 +187,18 @@ class MergeConfig(BaseModel):
 
     def fit_config(self) -> FitConfig:
         return FitConfig(**self.fit.model_dump())
+
+    def build_method(self, name: str, params: Mapping[str, Any]) -> MergeMethod:
+        """The registered method ``name``; soft merging starts from the ``fit`` section."""
+        if name == "soft":
+            # The fit section is the starting point; seed and progress come from the run
+            # (--seed, --no-progress) unless the entry sets them itself.
+            fit = self.fit.model_dump(exclude={"seed", "progress"})
+            params = {**fit, **params}
+        return get_method(name, **params)
+
+    def plan_for(self, entry: MethodEntry) -> MergePlan:
+        return MergePlan(**{**self.plan_section.model_dump(), **entry.plan})
 
     def candidate_paths(self) -> list[Path]:
         return [c.path for c in self.candidates]
@@ -458,7 +462,32 @@ def _check(cfg: MergeConfig, report: _Reporter) -> None:
         try:
             build()
         except SoftmergeError as exc:  # the dataclasses' own checks, e.g. delta without a base
+            field, _, rest = str(exc).partition(" ")  # FitConfig's messages start with the field
+            if key == "fit" and field in FitSection.model_fields and rest.startswith("must"):
+                raise report.fail(f"fit.{field}", rest) from None
             raise report.fail(key, str(exc)) from None
+    _check_methods(cfg, report)
+
+
+def _check_methods(cfg: MergeConfig, report: _Reporter) -> None:
+    """``method``/``params`` and every ``methods`` entry name a method with valid parameters."""
+    checks = [("method", MethodEntry(method=cfg.method, params=cfg.params))]
+    checks += [(f"methods[{i}]", entry) for i, entry in enumerate(cfg.methods or [])]
+    plan_keys = list(PlanSection.model_fields)
+    for key, entry in checks:
+        try:
+            cfg.build_method(entry.method, entry.params)
+        except SoftmergeError as exc:
+            raise report.fail(key, str(exc)) from None
+        for name in entry.plan:
+            if name not in plan_keys:
+                raise report.fail(
+                    f"{key}.plan", f"unknown key '{name}'{_suggest(name, plan_keys)}"
+                )
+        try:
+            cfg.plan_for(entry)
+        except (SoftmergeError, TypeError) as exc:
+            raise report.fail(f"{key}.plan", str(exc)) from None
 
 
 _FACTORY = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")

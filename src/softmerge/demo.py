@@ -35,7 +35,9 @@ PARENT_EPOCHS, CHILD_EPOCHS = 5, 15
 QUICK_SIZES = {"num_train": 2000, "num_merge": 500, "num_test": 500}
 
 
-def make_children(splits, seed: int, progress: bool) -> list[dict[str, torch.Tensor]]:
+def make_children(
+    splits, seed: int, progress: bool
+) -> tuple[dict[str, torch.Tensor], list[dict[str, torch.Tensor]]]:
     """A shared parent, then 5 children on their own random halves of the training set."""
     parent = train(_fresh_model(seed), splits.train, epochs=PARENT_EPOCHS, seed=seed)
     n = len(splits.train)
@@ -51,7 +53,7 @@ def make_children(splits, seed: int, progress: bool) -> list[dict[str, torch.Ten
             progress=progress,
         )
         children.append({k2: v.detach().clone() for k2, v in child.state_dict().items()})
-    return children
+    return {k: v.detach().clone() for k, v in parent.state_dict().items()}, children
 
 
 def scaled(state: State, factor: float = 100.0) -> dict[str, torch.Tensor]:
@@ -114,7 +116,9 @@ def run_demo(
     out = Path(out_dir)
     sizes = QUICK_SIZES if quick else {}
     splits = mnist1d_splits(**sizes)
-    children = make_children(splits, seed, progress)
+    parent, children = make_children(splits, seed, progress)
+    # The parent is not a candidate; task-vector methods (softmerge compare) use it as the base.
+    write_safetensors(out / "parent.safetensors", parent)
     clean = {f"child{k}": s for k, s in enumerate(children)}
     malicious = {
         "scaled_x100": scaled(children[0]),

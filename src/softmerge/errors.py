@@ -21,3 +21,7 @@ class ConfigError(SoftmergeError):
 
 class DataError(SoftmergeError):
     """A data set is missing, empty, or does not fit the model."""
+
+
+class OutputError(SoftmergeError):
+    """An output file or folder cannot be written (no permission, disk full...)."""

@@ -10,13 +10,17 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
+
+from .errors import OutputError
 
 
 def _read_umask() -> int:
@@ -28,22 +32,58 @@ def _read_umask() -> int:
 _UMASK = _read_umask()
 
 
+def os_reason(exc: BaseException) -> str:
+    """The short reason of an OS-level failure: "No space left on device", not a repr."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    text = str(exc)
+    found = re.search(r'message: "([^"]+)"', text)  # safetensors wraps Rust's io::Error
+    return found.group(1) if found else next(iter(text.splitlines()), type(exc).__name__)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success move it onto ``path`` atomically."""
+    """Yield a temporary path beside ``path``; on success move it onto ``path`` atomically.
+
+    An OS error (no permission, disk full...) becomes one :class:`OutputError` naming ``path``;
+    the temporary file is removed whatever happens."""
     dest = Path(path)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
-    os.close(fd)
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+        os.close(fd)
+    except OSError as exc:
+        raise OutputError(f"{dest}: cannot write: {os_reason(exc)}") from exc
     try:
         yield Path(tmp)
         # mkstemp creates 0600 files; give the result the permissions a plain open() would.
         os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, dest)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if isinstance(exc, (OSError, SafetensorError)):
+            raise OutputError(f"{dest}: cannot write: {os_reason(exc)}") from exc
         raise
+
+
+def writable_problem(folder: str | os.PathLike[str]) -> str | None:
+    """Why no file can be created in ``folder`` (or where it would be created), else None.
+
+    Probes with a real temporary file: permission bits alone miss read-only file systems and
+    ACLs, and do not apply to root."""
+    probe = Path(folder)
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        return f"{probe} is not a folder"
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".softmerge-write-test-", dir=probe)
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as exc:
+        return f"cannot create files in {probe}: {os_reason(exc)}"
+    return None
 
 
 def atomic_write(path: str | os.PathLike[str], writer: Callable[[Path], None]) -> Path:

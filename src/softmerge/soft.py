@@ -17,9 +17,11 @@ import copy
 import itertools
 import logging
 import math
+import numbers
+import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,14 +32,27 @@ from torch.func import functional_call
 from tqdm.auto import tqdm
 
 from . import gates as hc
-from .candidates import Candidate, load_candidate, load_candidates, validate_candidates
-from .errors import CandidateError, DataError, PlanError
+from .candidates import Candidate, check_fits_model, load_candidates, split_base
+from .checkpoint import fingerprint, load_checkpoint, remove_checkpoint, save_checkpoint
+from .errors import CandidateError, ConfigError, DataError, PlanError
 from .plan import GateLayout, MergePlan, build_layout
 
 log = logging.getLogger("softmerge")
 
 Batch = Any
 LossFn = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
+
+
+MAX_LR = 1e6  # a larger gate learning rate is a typo (and overflows float32 in the optimiser)
+# Integer fields of FitConfig and their smallest allowed value.
+_INT_FIELDS = {
+    "steps": 1,
+    "seed": 0,
+    "eval_every": 0,
+    "record_every": 1,
+    "rank_batches": 1,
+    "checkpoint_every": 0,
+}
 
 
 @dataclass
@@ -60,14 +75,40 @@ class FitConfig:
     grad_clip: float | None = 1.0  # clip the gate gradient's norm (see docs/method.md)
     warmup: float = 0.3  # fraction of steps that train only the candidate-level gates
     solo_prior: float = 1.0  # start a candidate's gate lower by this x log(its solo loss / best)
+    checkpoint_every: int = 0  # save the training state every K steps (0 = never): see fit()
 
     def __post_init__(self) -> None:
+        # Each message starts with the field's name: the YAML config reports it as fit.<name>.
+        for name in ("lr", "l0_lambda", "init_gate", "warmup", "solo_prior", "epochs", "grad_clip"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if not isinstance(value, numbers.Real) or isinstance(value, bool):
+                raise PlanError(f"{name} must be a number, got {value!r}")
+            if not math.isfinite(value):
+                raise PlanError(f"{name} must be a finite number, got {value}")
+        for name, low in _INT_FIELDS.items():
+            value = getattr(self, name)
+            if value is None and name == "steps":
+                continue
+            if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+                raise PlanError(f"{name} must be an integer, got {value!r}")
+            if value < low:
+                raise PlanError(f"{name} must be >= {low}, got {value}")
+        if self.seed >= 2**64:  # the range torch.Generator.manual_seed accepts
+            raise PlanError(f"seed must be < 2**64, got {self.seed}")
+        if self.epochs is not None and self.epochs <= 0:
+            raise PlanError(f"epochs must be > 0, got {self.epochs}")
+        if self.grad_clip is not None and self.grad_clip < 0:
+            raise PlanError(f"grad_clip must be >= 0 (or null: no clipping), got {self.grad_clip}")
         if self.l0_lambda < 0:
             raise PlanError(f"l0_lambda must be >= 0, got {self.l0_lambda}")
         if not 0.0 < self.init_gate < 1.0:
             raise PlanError(f"init_gate must lie strictly between 0 and 1, got {self.init_gate}")
         if self.lr <= 0:
             raise PlanError(f"lr must be > 0, got {self.lr}")
+        if self.lr > MAX_LR:  # gate parameters live in about [-10, 10]; torch's Adam overflows
+            raise PlanError(f"lr must be <= {MAX_LR:g}, got {self.lr}")
         if not 0.0 <= self.warmup < 1.0:
             raise PlanError(f"warmup must lie in [0, 1), got {self.warmup}")
         if self.optimizer not in ("sgd", "adam"):
@@ -179,6 +220,29 @@ def _cycle(loader: Iterable[Batch]) -> Iterator[Batch]:
             raise DataError("the merge data loader yields no batch (empty data set)")
 
 
+@dataclass
+class _RunState:
+    """What a checkpoint carries from one process to the next, besides gates and optimiser."""
+
+    losses: dict[str, float]
+    step: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    trajectory: list[torch.Tensor] = field(default_factory=list)
+    window: list[tuple[float, float]] = field(default_factory=list)  # (loss, task) since a record
+    seconds_before: float = 0.0  # training time of the earlier processes
+    seconds_after: float = 0.0  # ... up to the step being saved
+
+
+_GATE_KEYS = ("log_alpha", "log_alpha_candidate")  # checkpoint keys, in gate_parameters order
+
+
+def _same_loss(a: float, b: float) -> bool:
+    """Equal up to float noise (another thread count sums in another order); inf == inf."""
+    if math.isfinite(a) and math.isfinite(b):
+        return math.isclose(a, b, rel_tol=1e-4, abs_tol=1e-6)
+    return (math.isnan(a) and math.isnan(b)) or a == b
+
+
 # ---------------------------------------------------------------------------------------------
 
 
@@ -208,7 +272,10 @@ class SoftMerger:
         self.candidates = cands
         self.names = [c.name for c in cands]
         params = dict(model.named_parameters())
-        self._check_against_model(cands[0], model)
+        check_fits_model(cands[0], model)
+        # Candidates may be stored in another precision (fp16, bf16): the model runs on its own.
+        self._dtypes = {k: v.dtype for k, v in model.state_dict().items()}
+        self._buffer_names = {k for k, _ in model.named_buffers()}
         self.layout: GateLayout = build_layout(self.plan, {n: p.shape for n, p in params.items()})
         self.active = torch.tensor([c.is_finite for c in cands])
         self._report_excluded()
@@ -232,34 +299,9 @@ class SoftMerger:
         if self.plan.combine != "delta":
             return None, cands
         wanted = base if base is not None else self.plan.base
-        by_name = {c.name: c for c in cands}
-        if isinstance(wanted, str) and wanted in by_name:
-            return by_name[wanted], [c for c in cands if c.name != wanted]
         if wanted is None:
             raise PlanError("combine 'delta' needs a base: pass base=... or set plan.base")
-        base_cand = load_candidate(wanted, name="base")
-        validate_candidates([cands[0], base_cand])  # same keys, shapes, dtypes
-        if not base_cand.is_finite:
-            raise CandidateError(f"{base_cand.source}: the base model has non-finite values")
-        return base_cand, cands
-
-    @staticmethod
-    def _check_against_model(cand: Candidate, model: nn.Module) -> None:
-        expected = model.state_dict()
-        missing = sorted(set(expected) - set(cand.state))
-        extra = sorted(set(cand.state) - set(expected))
-        if missing or extra:
-            what = f"lacks '{missing[0]}'" if missing else f"has unexpected key '{extra[0]}'"
-            raise CandidateError(
-                f"{cand.source}: checkpoint does not fit the model: it {what} "
-                f"({len(missing)} missing, {len(extra)} unexpected keys)"
-            )
-        for key, ref in expected.items():
-            if tuple(cand.state[key].shape) != tuple(ref.shape):
-                raise CandidateError(
-                    f"{cand.source}: tensor '{key}' has shape {tuple(cand.state[key].shape)} "
-                    f"but the model expects {tuple(ref.shape)}"
-                )
+        return split_base(cands, wanted)
 
     def _report_excluded(self) -> None:
         for cand, ok in zip(self.candidates, self.active.tolist(), strict=True):
@@ -272,7 +314,15 @@ class SoftMerger:
                     worst,
                 )
         if not bool(self.active.any()):
-            raise CandidateError("every candidate has non-finite values: nothing left to merge")
+            shown = "; ".join(
+                f"{c.source}: '{k}' ({n} NaN/Inf)"
+                for c in self.candidates[:4]
+                for k, n in list(c.nonfinite.items())[:1]
+            )
+            more = f"; and {len(self.candidates) - 4} more" if len(self.candidates) > 4 else ""
+            raise CandidateError(
+                f"every candidate has non-finite values, nothing is left to merge: {shown}{more}"
+            )
 
     def _stack_merged_tensors(self) -> dict[str, torch.Tensor]:
         """Stack each merged tensor once as (N, *shape) float32 (delta: theta_j - theta_0).
@@ -403,8 +453,22 @@ class SoftMerger:
             source = {k: pool[choice].state[k] for k in rest}
         return source
 
-    def _functional_state(self, merged: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {**self._rest, **merged}
+    def _functional_state(
+        self, merged: Mapping[str, torch.Tensor], fresh_buffers: bool = False
+    ) -> dict[str, torch.Tensor]:
+        return self._as_model_state({**self._rest, **merged}, fresh_buffers)
+
+    def _as_model_state(
+        self, state: Mapping[str, torch.Tensor], fresh_buffers: bool = False
+    ) -> dict[str, torch.Tensor]:
+        """``state`` in the model's dtypes. ``fresh_buffers``: buffers are copies, because
+        BatchNorm in training mode updates its running statistics in place, and those tensors
+        belong to a candidate (and a resumed run must not depend on earlier updates)."""
+        out = {}
+        for k, v in state.items():
+            t = v.to(self._dtypes[k]) if k in self._dtypes else v
+            out[k] = t.clone() if fresh_buffers and t is v and k in self._buffer_names else t
+        return out
 
     # -- training -----------------------------------------------------------------------------
 
@@ -425,9 +489,8 @@ class SoftMerger:
             if not ok:
                 losses[cand.name] = math.inf
                 continue
-            total = sum(
-                float(task_loss(objective, *self._forward(cand.state, b))) for b in batch_list
-            )
+            state = self._as_model_state(cand.state)
+            total = sum(float(task_loss(objective, *self._forward(state, b))) for b in batch_list)
             losses[cand.name] = total / len(batch_list)
         finite = [i for i, c in enumerate(self.candidates) if math.isfinite(losses[c.name])]
         if finite:
@@ -440,10 +503,28 @@ class SoftMerger:
         val_loader: Iterable[Batch] | None = None,
         config: FitConfig | None = None,
         loss_fn: LossFn | None = None,
+        *,
+        checkpoint: str | os.PathLike[str] | None = None,
+        resume: bool = False,
+        keep_checkpoint: bool = False,
+        run_key: str = "",
     ) -> FitResult:
-        """Learn the gates on ``loader`` (the merge set); candidates' weights stay frozen."""
+        """Learn the gates on ``loader`` (the merge set); candidates' weights stay frozen.
+
+        ``checkpoint``: a file where the training state is saved (atomically) every
+        ``config.checkpoint_every`` steps; it is deleted when training ends, unless
+        ``keep_checkpoint`` (then a last one is saved at the final step). ``resume=True``
+        continues from it: with ``loader`` (and ``val_loader``) rebuilt as in the interrupted
+        run (same data, batch size and shuffle seed), the result is bit-identical to an
+        uninterrupted run. A checkpoint saved by a different merge (candidates, plan, fit
+        settings, seed, ``run_key`` or data) is refused with a ConfigError.
+        """
         cfg = config or FitConfig()
         objective: str | LossFn = loss_fn or cfg.objective
+        ckpt = None if checkpoint is None else Path(checkpoint)
+        if resume and ckpt is None:
+            raise PlanError("resume=True needs checkpoint=<path of the checkpoint file>")
+        saved = load_checkpoint(ckpt) if resume and ckpt is not None else None
         start = time.perf_counter()
         losses = self.rank_candidates(loader, objective, cfg.rank_batches)
         self._rest = self._rest_source()
@@ -455,65 +536,214 @@ class SoftMerger:
             else torch.optim.SGD(self.gate_parameters, lr=cfg.lr, momentum=0.9)
         )
         gen = torch.Generator().manual_seed(cfg.seed)
+        key = "" if ckpt is None else self._fingerprint(cfg, objective, total_steps, run_key)
+        run = _RunState(losses=losses)
+        if saved is not None:
+            assert ckpt is not None
+            run = self._restore(saved, ckpt, key, losses, optimizer, gen, total_steps)
+            self._rest = self._rest_source()  # from the checkpoint's reference candidate
+            log.info("resuming gate training at step %d of %d from %s", run.step, total_steps, ckpt)
         two_level = self.log_alpha_candidate is not None
         warmup_steps = int(cfg.warmup * total_steps) if two_level else 0
-        history: list[dict[str, Any]] = []
-        trajectory: list[torch.Tensor] = []
-        window: list[tuple[float, float]] = []  # (loss, task loss) since the last record
+        history, trajectory, window = run.history, run.trajectory, run.window
         set_gate_training_mode(self.model)
         batches = _cycle(loader)
-        bar = tqdm(range(1, total_steps + 1), desc="gates", disable=not cfg.progress, leave=False)
+        for _ in range(run.step):  # the batches the interrupted run used: same data order
+            next(batches)
+        bar = tqdm(
+            range(run.step + 1, total_steps + 1),
+            initial=run.step,
+            total=total_steps,
+            desc="gates",
+            disable=not cfg.progress,
+            leave=False,
+        )
         for step in bar:
             z = self.sample_gates(gen)
             logits, labels = self._forward(
-                self._functional_state(self.merged_parameters(z)), next(batches)
+                self._functional_state(self.merged_parameters(z), fresh_buffers=True),
+                next(batches),
             )
             task = task_loss(objective, logits, labels)
             penalty = self.l0_penalty()
             loss = task + cfg.l0_lambda * penalty
-            if not torch.isfinite(loss):
-                # A sample that mixed in an extreme candidate can overflow the loss; skip the step
-                # rather than poison Adam's moments. The penalty still moves on the next step.
+            if torch.isfinite(loss):
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if step <= warmup_steps:
+                    # Warm-up: only whole candidates are judged, on the evidence of every unit.
+                    self.log_alpha.grad = None
+                if cfg.grad_clip:
+                    # A sample that opens an extreme candidate gives gradients 1e5x the usual;
+                    # clipped, one such step cannot throw every gate far off.
+                    torch.nn.utils.clip_grad_norm_(self.gate_parameters, cfg.grad_clip)
+                optimizer.step()
+                if any(bool(torch.isnan(p).any()) for p in self.gate_parameters):
+                    # Only an absurd learning rate gets here (a step overflows float32): stop
+                    # rather than return a merge of NaNs.
+                    raise PlanError(
+                        f"gate training diverged at step {step}: the gate parameters became "
+                        f"NaN; lower the learning rate (fit.lr, now {cfg.lr:g})"
+                    )
+                window.append((loss.item(), task.item()))
+                if step % cfg.record_every == 0 or step == total_steps:
+                    record = self._record(step, window, trajectory)
+                    if (
+                        val_loader is not None
+                        and cfg.eval_every
+                        and (step % cfg.eval_every == 0 or step == total_steps)
+                    ):
+                        record.update(self._validate(val_loader, objective))
+                        set_gate_training_mode(self.model)
+                    history.append(record)
+                    bar.set_postfix(
+                        {
+                            k: round(v, 4)
+                            for k, v in record.items()
+                            if k in ("loss", "l0", "val_acc")
+                        }
+                    )
+                    window.clear()
+            else:
+                # A sample that mixed in an extreme candidate can overflow the loss; skip the
+                # step rather than poison the optimiser. The batch counts as used (see resume).
                 log.debug("step %d: non-finite loss skipped", step)
-                continue
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if step <= warmup_steps:
-                # Warm-up: only whole candidates are judged, on the evidence of every unit at once.
-                self.log_alpha.grad = None
-            if cfg.grad_clip:
-                # A sample that opens an extreme candidate gives gradients 1e5x the usual; clipped,
-                # one such step cannot throw every gate far off (or stall Adam's moments).
-                torch.nn.utils.clip_grad_norm_(self.gate_parameters, cfg.grad_clip)
-            optimizer.step()
-            window.append((loss.item(), task.item()))
-            if step % cfg.record_every == 0 or step == total_steps:
-                record = self._record(step, window, trajectory)
-                if (
-                    val_loader is not None
-                    and cfg.eval_every
-                    and (step % cfg.eval_every == 0 or step == total_steps)
-                ):
-                    record.update(self._validate(val_loader, objective))
-                    set_gate_training_mode(self.model)
-                history.append(record)
-                bar.set_postfix(
-                    {k: round(v, 4) for k, v in record.items() if k in ("loss", "l0", "val_acc")}
+            every = cfg.checkpoint_every
+            if (
+                ckpt is not None
+                and every
+                and (
+                    (step % every == 0 and step < total_steps)
+                    or (step == total_steps and keep_checkpoint)
                 )
-                window = []
+            ):
+                run.step, run.seconds_after = step, run.seconds_before + time.perf_counter() - start
+                self._save_checkpoint(ckpt, key, run, total_steps, optimizer, gen)
         self.model.eval()
         self._bn_buffers = None
         if cfg.recalibrate_bn and has_batchnorm(self.model):
             self._bn_buffers = self._recalibrated_buffers(loader)
+        if ckpt is not None and not keep_checkpoint:
+            remove_checkpoint(ckpt)
         self.result = FitResult(
             steps=total_steps,
-            seconds=time.perf_counter() - start,
+            seconds=run.seconds_before + time.perf_counter() - start,
             history=history,
             gate_trajectory=trajectory,
-            candidate_losses=losses,
+            candidate_losses=run.losses,
             reference=self.names[self.reference],
         )
         return self.result
+
+    # -- checkpoints ---------------------------------------------------------------------------
+
+    def _fingerprint(
+        self, cfg: FitConfig, objective: str | LossFn, total_steps: int, run_key: str
+    ) -> str:
+        """What defines this run: a checkpoint saved under another fingerprint is refused."""
+        settings = {
+            k: v for k, v in asdict(cfg).items() if k not in ("progress", "checkpoint_every")
+        }
+        loss = objective if isinstance(objective, str) else getattr(objective, "__qualname__", "")
+        description = {
+            "plan": asdict(self.plan),
+            "fit": settings,
+            "objective": loss,
+            "total_steps": total_steps,
+            "candidates": self.names,
+            "units": list(self.layout.units),
+            "run": run_key,
+        }
+        pool = [*self.candidates, *([] if self.base is None else [self.base])]
+        return fingerprint(
+            description, ((f"{c.name}/{k}", t) for c in pool for k, t in c.state.items())
+        )
+
+    def _save_checkpoint(
+        self,
+        path: Path,
+        key: str,
+        run: _RunState,
+        total_steps: int,
+        optimizer: torch.optim.Optimizer,
+        gen: torch.Generator,
+    ) -> None:
+        cand = self.log_alpha_candidate
+        save_checkpoint(
+            path,
+            {
+                "fingerprint": key,
+                "step": run.step,
+                "total_steps": total_steps,
+                "log_alpha": self.log_alpha.detach().clone(),
+                "log_alpha_candidate": None if cand is None else cand.detach().clone(),
+                "optimizer": optimizer.state_dict(),
+                "generator": gen.get_state(),
+                "history": run.history,
+                "trajectory": run.trajectory,
+                "window": [list(w) for w in run.window],
+                "candidate_losses": dict(run.losses),
+                "reference": self.reference,
+                "seconds": run.seconds_after,
+            },
+        )
+
+    def _restore(
+        self,
+        saved: Mapping[str, Any],
+        path: Path,
+        key: str,
+        losses: Mapping[str, float],
+        optimizer: torch.optim.Optimizer,
+        gen: torch.Generator,
+        total_steps: int,
+    ) -> _RunState:
+        """Put the gates, optimiser and noise generator where the checkpoint left them."""
+        if saved.get("fingerprint") != key:
+            raise ConfigError(
+                f"{path}: refusing to resume: the checkpoint was saved by a different merge "
+                "(candidates, plan, fit settings, seed or data differ); delete it to start over"
+            )
+        old = saved.get("candidate_losses")
+        if (
+            not isinstance(old, dict)
+            or set(old) != set(losses)
+            or not all(_same_loss(losses[n], old[n]) for n in losses)
+        ):
+            raise ConfigError(
+                f"{path}: refusing to resume: the candidates' losses on the merge data differ "
+                "from the checkpoint's (other data or another data order); delete it to start over"
+            )
+        try:
+            step = int(saved["step"])
+            if not 0 <= step <= total_steps:
+                raise ValueError(f"step {step} outside 0..{total_steps}")
+            with torch.no_grad():
+                for param, name in zip(self.gate_parameters, _GATE_KEYS, strict=False):
+                    value = saved[name]
+                    if tuple(value.shape) != tuple(param.shape):  # copy_ would broadcast
+                        raise ValueError(f"{name} has shape {tuple(value.shape)}")
+                    param.copy_(value)
+            optimizer.load_state_dict(saved["optimizer"])
+            gen.set_state(saved["generator"])
+            reference = int(saved["reference"])
+            if not 0 <= reference < len(self.names) or not bool(self.active[reference]):
+                raise ValueError(f"reference candidate {reference} is not an active candidate")
+            self.reference = reference
+            run = _RunState(
+                losses=dict(old),
+                step=step,
+                history=list(saved["history"]),
+                trajectory=list(saved["trajectory"]),
+                window=[(float(a), float(b)) for a, b in saved["window"]],
+                seconds_before=float(saved["seconds"]),
+            )
+        except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as exc:
+            raise ConfigError(
+                f"{path}: malformed checkpoint ({type(exc).__name__}: {exc}); "
+                "delete it to start over"
+            ) from exc
+        return run
 
     def _initialise_gates(self, cfg: FitConfig, losses: Mapping[str, float]) -> None:
         """Every gate at ``init_gate``, minus a prior from each candidate's solo loss.
@@ -568,7 +798,9 @@ class SoftMerger:
     @torch.no_grad()
     def _validate(self, loader: Iterable[Batch], objective: str | LossFn) -> dict[str, float]:
         """Loss and accuracy of the deterministic merge (BatchNorm on batch statistics)."""
-        state = self._functional_state(self.merged_parameters(self.deterministic_gates()))
+        state = self._functional_state(
+            self.merged_parameters(self.deterministic_gates()), fresh_buffers=True
+        )
         set_gate_training_mode(self.model)
         total, correct, count, labelled = 0.0, 0, 0, True
         for batch in loader:

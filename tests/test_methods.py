@@ -1,0 +1,312 @@
+"""The method registry: every method from the API and from YAML, on the same candidates.
+
+Candidates are children of one parent trained on scikit-learn digits (a small MLP), so every
+method has something sensible to merge; the parent is the base of the task-vector methods."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+from torch.utils.data import DataLoader
+
+from softmerge import ConfigError, PlanError
+from softmerge.cli import main
+from softmerge.compare import compare, default_entries, split_held_out
+from softmerge.data import digits_splits
+from softmerge.methods import METHOD_NAMES, REGISTRY, MergeContext, get_method
+from softmerge.methods import tensorwise as tw
+from softmerge.methods.ensemble import OutputEnsemble
+from softmerge.methods.soups import uniform_soup
+from softmerge.plan import MergePlan
+from softmerge.zoo import MLP, evaluate, train
+
+FAST = {  # small step counts: these tests check behaviour, not accuracy
+    "learned_soup": {"steps": 20, "select_every": 5},
+    "task_wise_adamerging": {"steps": 20, "select_every": 5},
+    "layer_wise_adamerging": {"steps": 20, "select_every": 5},
+    "soft": {"steps": 20},
+    "ties": {"density": 0.5, "lambda": 0.5},
+    "dare_linear": {"density": 0.5},
+    "dare_ties": {"density": 0.5},
+    "task_arithmetic": {"lambda": 0.3},
+}
+
+
+def _mlp() -> MLP:
+    return MLP(64, (32,))
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return digits_splits(num_merge=300, num_test=400, seed=0)
+
+
+@pytest.fixture(scope="module")
+def family(digits):
+    """(parent state, [3 child states]) of one training run."""
+    torch.manual_seed(0)
+    parent = train(_mlp(), digits.train, epochs=3, lr=1e-2, seed=0)
+    children = []
+    for i in range(3):
+        child = train(copy.deepcopy(parent), digits.train, epochs=2, lr=3e-3, seed=i + 1)
+        children.append({k: v.detach().clone() for k, v in child.state_dict().items()})
+    return {k: v.detach().clone() for k, v in parent.state_dict().items()}, children
+
+
+def _loader(dataset, seed: int = 0) -> DataLoader:
+    return DataLoader(
+        dataset, batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(seed)
+    )
+
+
+def _context(digits, family, **kwargs) -> MergeContext:
+    parent, children = family
+    learn, held = split_held_out(digits.merge, 0.3, seed=0)
+    options = {
+        "names": ["a", "b", "c"],
+        "base": parent,
+        "merge_loader": _loader(learn),
+        "held_out_loader": DataLoader(held, batch_size=256),
+        "seed": 0,
+    }
+    options.update(kwargs)
+    return MergeContext(_mlp(), children, **options)
+
+
+@pytest.mark.parametrize("name", METHOD_NAMES)
+def test_every_method_runs_from_the_api(name, digits, family):
+    ctx = _context(digits, family)
+    if name == "slerp":  # exactly two models: the base and one candidate
+        ctx = _context(digits, (family[0], family[1][:2]), names=["a", "b"], base=None)
+    outcome = get_method(name, **FAST.get(name, {})).merge(ctx)
+    accuracy, loss = evaluate(outcome.model, digits.test)
+    assert accuracy > 50.0 and math.isfinite(loss)
+    assert outcome.seconds > 0 and outcome.peak_mb > 0
+    if name == "ensemble":
+        assert outcome.state is None
+    else:  # an ordinary state dict that loads strictly into the architecture
+        fresh = _mlp()
+        fresh.load_state_dict(outcome.state, strict=True)
+        assert evaluate(fresh, digits.test) == (accuracy, loss)
+
+
+def test_tensorwise_methods_equal_the_mergekit_checked_functions(digits, family):
+    parent, children = family
+    ctx = _context(digits, family)
+    for name, params in [("ties", {"density": 0.5}), ("task_arithmetic", {"lambda": 0.3})]:
+        state = get_method(name, **params).merge(ctx).state
+        for key in ctx.merged_names:
+            expected = tw.METHODS[name]([c[key] for c in children], parent[key], **params)
+            assert torch.equal(state[key], expected), (name, key)
+
+
+def test_dare_masks_follow_the_seed(digits, family):
+    def merged(seed):
+        return get_method("dare_ties", density=0.5).merge(_context(digits, family, seed=seed))
+
+    a, b, c = merged(0).state, merged(0).state, merged(1).state
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], c[k]) for k in a)
+
+
+def test_uniform_soup_and_the_learning_methods_start_from_it(digits, family):
+    ctx = _context(digits, family)
+    soup = get_method("uniform_soup").merge(ctx).state
+    expected = uniform_soup(family[1])
+    assert all(torch.allclose(soup[k], expected[k]) for k in soup)
+    held = ctx.held_out_loader
+    soup_loss = evaluate(ctx.build(soup), held)[1]
+    for name in ("learned_soup", "task_wise_adamerging", "layer_wise_adamerging"):
+        outcome = get_method(name, steps=30, select_every=5).merge(ctx)
+        # Step 0 is the uniform soup and is a selection candidate: never worse on held-out.
+        assert outcome.info["history"][0]["step"] == 0
+        assert outcome.info["history"][0]["held_out_loss"] == pytest.approx(soup_loss, rel=1e-5)
+        assert evaluate(outcome.model, held)[1] <= soup_loss + 1e-6
+
+
+def test_greedy_soup_is_never_below_the_best_single_on_its_held_out_split(digits, family):
+    ctx = _context(digits, family)
+    outcome = get_method("greedy_soup").merge(ctx)
+    singles = {c.name: evaluate(ctx.build(c.state), ctx.held_out_loader)[0] for c in ctx.pool}
+    soup_held_out = evaluate(outcome.model, ctx.held_out_loader)[0]
+    assert soup_held_out >= max(singles.values())
+    assert outcome.info["kept"][0] == max(singles, key=singles.get)
+    assert outcome.info["held_out_accuracy"] == soup_held_out
+
+
+def test_output_ensemble_averages_probabilities(digits, family):
+    outcome = get_method("ensemble").merge(_context(digits, family))
+    assert isinstance(outcome.model, OutputEnsemble)
+    x = digits.test.tensors[0][:16]
+    probs = []
+    for state in family[1]:
+        m = _mlp()
+        m.load_state_dict(state)
+        probs.append(torch.softmax(m.eval()(x), -1))
+    expected = torch.stack(probs).mean(0)
+    assert torch.allclose(outcome.model(x).exp(), expected, atol=1e-6)
+
+
+def test_partial_plan_merges_only_the_chosen_tensors(digits, family):
+    ctx = _context(digits, family, plan=MergePlan(include=["net.1.*"], rest_from="a"))
+    state = get_method("uniform_soup").merge(ctx).state
+    a = family[1][0]
+    for key in state:
+        if key.startswith("net.1."):
+            assert not torch.equal(state[key], a[key])
+        else:
+            assert torch.equal(state[key], a[key]), key
+
+
+def test_clear_errors_for_bad_method_requests(digits, family):
+    with pytest.raises(ConfigError, match="did you mean 'ties'"):
+        get_method("tie")
+    with pytest.raises(ConfigError, match="unknown parameter 'densty'; did you mean 'density'"):
+        get_method("ties", densty=0.5)
+    with pytest.raises(ConfigError, match=r"'slerp': t: .*less than or equal to 1"):
+        get_method("slerp", t=2.0)
+    with pytest.raises(PlanError, match=r"'ties' merges task vectors .* needs a base"):
+        get_method("ties").merge(_context(digits, family, base=None))
+    with pytest.raises(PlanError, match=r"exactly 2 models .* got 4"):
+        get_method("slerp").merge(_context(digits, family))
+    with pytest.raises(PlanError, match="weight needs one value per candidate: 3, got 2"):
+        get_method("linear", weight=[1.0, 2.0]).merge(_context(digits, family))
+
+
+def test_default_comparison_skips_what_does_not_apply():
+    names = [m.name for _, m, _ in default_entries(5, has_base=False)]
+    assert "ties" not in names and "slerp" not in names and "soft" in names
+    names = [m.name for _, m, _ in default_entries(5, has_base=True)]
+    assert {"ties", "task_arithmetic", "dare_ties", "model_stock"} <= set(names)
+
+
+def test_compare_api_gives_one_row_per_candidate_and_method(digits, family):
+    parent, children = family
+    learn, _ = split_held_out(digits.merge, 0.3, seed=0)
+    rows = compare(
+        _mlp(),
+        children,
+        [("soup", get_method("uniform_soup"), None), ("ens", get_method("ensemble"), None)],
+        eval_loader=DataLoader(digits.test, batch_size=256),
+        base=parent,
+        merge_loader=_loader(learn),
+    )
+    assert [r["method"] for r in rows] == ["candidate0", "candidate1", "candidate2", "soup", "ens"]
+    assert rows[-1]["models"] == 3 and rows[-2]["models"] == 1
+
+
+# --------------------------------------------------------------------------- from YAML
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory, digits, family):
+    folder = tmp_path_factory.mktemp("methods")
+    parent, children = family
+    save_file(parent, str(folder / "parent.safetensors"))
+    for name, state in zip("abc", children, strict=True):
+        save_file(state, str(folder / f"{name}.safetensors"))
+    for split in ("merge", "test"):
+        x, y = getattr(digits, split).tensors
+        save_file({"x": x, "y": y}, str(folder / f"{split}.safetensors"))
+    return folder
+
+
+def _yaml(folder: Path, **extra) -> Path:
+    cfg = {
+        "model": {"factory": "softmerge.zoo:MLP", "kwargs": {"in_features": 64, "hidden": [32]}},
+        "candidates": ["a.safetensors", "b.safetensors", "c.safetensors"],
+        "data": {
+            "dataset": "tensors",
+            "merge": "merge.safetensors",
+            "eval": "test.safetensors",
+            "batch_size": 64,
+            "held_out": 0.3,
+        },
+        "plan": {"base": "parent.safetensors"},
+        "fit": {"steps": 20},
+        "output": {"dir": "out"},
+        **extra,
+    }
+    path = folder / f"cfg-{len(list(folder.glob('cfg-*')))}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_compare_runs_every_method_from_yaml(files, capsys):
+    entries = [
+        {"method": n, "params": FAST.get(n, {})} for n in METHOD_NAMES if n not in ("slerp",)
+    ]
+    channel = {"granularity": "channel"}
+    entries.append({"method": "soft", "label": "soft (channel)", "plan": channel})
+    cfg = _yaml(files, methods=entries)
+    assert main(["compare", str(cfg), "--out", str(files / "cmp"), "--no-progress", "-q"]) == 0
+    report = json.loads((files / "cmp" / "compare.json").read_text())
+    methods = [r["method"] for r in report["rows"] if r["kind"] != "candidate"]
+    assert methods == [e.get("label", e["method"]) for e in entries]
+    assert all(r["accuracy"] > 50 for r in report["rows"])
+    assert report["held_out_samples"] == 90
+    table = capsys.readouterr().out
+    assert "peak_mb" in table and "soft (channel)" in table
+    assert (files / "cmp" / "compare.md").read_text().count("|") > 40
+
+
+def test_merge_with_a_registry_method_writes_its_state_dict(files, digits, family):
+    cfg = _yaml(files, method="ties", params={"density": 0.5, "lambda": 0.5})
+    assert main(["merge", str(cfg), "--out", str(files / "ties"), "--no-progress", "-q"]) == 0
+    written = load_file(str(files / "ties" / "merged.safetensors"))
+    parent, children = family
+    expected = tw.METHODS["ties"]([c["net.1.weight"] for c in children], parent["net.1.weight"],
+                                  density=0.5, **{"lambda": 0.5})
+    assert torch.equal(written["net.1.weight"], expected)
+    summary = json.loads((files / "ties" / "summary.json").read_text())
+    assert summary["method"] == "ties" and summary["params"]["density"] == 0.5
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({"method": "tiez"}, "method: unknown merge method 'tiez'; did you mean 'ties'?"),
+        ({"method": "ties", "params": {"dens": 1}}, "method: method 'ties': unknown parameter"),
+        ({"methods": ["uniform_soup", "gready_soup"]}, "methods[1]: unknown merge method"),
+        (
+            {"methods": [{"method": "soft", "plan": {"granularty": "model"}}]},
+            "methods[0].plan: unknown key 'granularty'; did you mean 'granularity'?",
+        ),
+        ({"method": "ensemble"}, "keeps all 3 models and has no single merged state dict"),
+    ],
+)
+def test_bad_method_config_is_one_clear_error(files, capsys, extra, message):
+    cfg = _yaml(files, **extra)
+    out = files / "never"
+    assert main(["merge", str(cfg), "--out", str(out), "--no-progress", "-q"]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_registry_lists_each_method_once():
+    assert sorted(METHOD_NAMES) == sorted(REGISTRY)
+    assert all(REGISTRY[n].summary for n in METHOD_NAMES)
+
+
+def test_methods_command_lists_every_method_with_its_parameters(capsys):
+    assert main(["methods", "-v"]) == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in METHOD_NAMES)
+    assert "density = 1.0" in out and "[needs base]" in out
+
+
+def test_compare_without_a_methods_list_runs_what_applies(files, capsys):
+    cfg = _yaml(files)  # plan.base is a file: the task-vector methods apply, SLERP does not
+    args = ["compare", str(cfg), "--out", str(files / "dflt"), "--no-progress", "-q"]
+    assert main([*args, "--methods", "uniform_soup,ties,slerp"]) == 2
+    assert "--methods: 'slerp' is not in this comparison" in capsys.readouterr().err
+    assert main([*args, "--methods", "uniform_soup,ties,output ensemble"]) == 0
+    rows = json.loads((files / "dflt" / "compare.json").read_text())["rows"]
+    assert [r["method"] for r in rows[3:]] == ["uniform soup", "ties", "output ensemble"]

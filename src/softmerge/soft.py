@@ -544,7 +544,7 @@ class SoftMerger:
             self._rest = self._rest_source()  # from the checkpoint's reference candidate
             log.info("resuming gate training at step %d of %d from %s", run.step, total_steps, ckpt)
         two_level = self.log_alpha_candidate is not None
-        warmup_steps = int(cfg.warmup * total_steps) if two_level else 0
+        warmup = int(cfg.warmup * total_steps) if two_level else 0  # steps with unit gates frozen
         history, trajectory, window = run.history, run.trajectory, run.window
         set_gate_training_mode(self.model)
         batches = _cycle(loader)
@@ -559,64 +559,32 @@ class SoftMerger:
             leave=False,
         )
         for step in bar:
-            z = self.sample_gates(gen)
-            logits, labels = self._forward(
-                self._functional_state(self.merged_parameters(z), fresh_buffers=True),
-                next(batches),
+            losses_now = self._gate_step(
+                gen, next(batches), objective, cfg, optimizer, step, units_frozen=step <= warmup
             )
-            task = task_loss(objective, logits, labels)
-            penalty = self.l0_penalty()
-            loss = task + cfg.l0_lambda * penalty
-            if torch.isfinite(loss):
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if step <= warmup_steps:
-                    # Warm-up: only whole candidates are judged, on the evidence of every unit.
-                    self.log_alpha.grad = None
-                if cfg.grad_clip:
-                    # A sample that opens an extreme candidate gives gradients 1e5x the usual;
-                    # clipped, one such step cannot throw every gate far off.
-                    torch.nn.utils.clip_grad_norm_(self.gate_parameters, cfg.grad_clip)
-                optimizer.step()
-                if any(bool(torch.isnan(p).any()) for p in self.gate_parameters):
-                    # Only an absurd learning rate gets here (a step overflows float32): stop
-                    # rather than return a merge of NaNs.
-                    raise PlanError(
-                        f"gate training diverged at step {step}: the gate parameters became "
-                        f"NaN; lower the learning rate (fit.lr, now {cfg.lr:g})"
-                    )
-                window.append((loss.item(), task.item()))
+            if losses_now is None:
+                # A sample that mixed in an extreme candidate can overflow the loss; the step is
+                # skipped rather than poison the optimiser. The batch counts as used (resume).
+                log.debug("step %d: non-finite loss skipped", step)
+            else:
+                window.append(losses_now)
                 if step % cfg.record_every == 0 or step == total_steps:
-                    record = self._record(step, window, trajectory)
-                    if (
+                    validate = (
                         val_loader is not None
-                        and cfg.eval_every
+                        and cfg.eval_every > 0
                         and (step % cfg.eval_every == 0 or step == total_steps)
-                    ):
+                    )
+                    record = self._record(step, window, trajectory)
+                    if validate:
                         record.update(self._validate(val_loader, objective))
                         set_gate_training_mode(self.model)
                     history.append(record)
-                    bar.set_postfix(
-                        {
-                            k: round(v, 4)
-                            for k, v in record.items()
-                            if k in ("loss", "l0", "val_acc")
-                        }
-                    )
+                    shown = ("loss", "l0", "val_acc")
+                    bar.set_postfix({k: round(v, 4) for k, v in record.items() if k in shown})
                     window.clear()
-            else:
-                # A sample that mixed in an extreme candidate can overflow the loss; skip the
-                # step rather than poison the optimiser. The batch counts as used (see resume).
-                log.debug("step %d: non-finite loss skipped", step)
             every = cfg.checkpoint_every
-            if (
-                ckpt is not None
-                and every
-                and (
-                    (step % every == 0 and step < total_steps)
-                    or (step == total_steps and keep_checkpoint)
-                )
-            ):
+            due = every and (step % every == 0 and step < total_steps)
+            if ckpt is not None and (due or (every and step == total_steps and keep_checkpoint)):
                 run.step, run.seconds_after = step, run.seconds_before + time.perf_counter() - start
                 self._save_checkpoint(ckpt, key, run, total_steps, optimizer, gen)
         self.model.eval()
@@ -634,6 +602,45 @@ class SoftMerger:
             reference=self.names[self.reference],
         )
         return self.result
+
+    def _gate_step(
+        self,
+        gen: torch.Generator,
+        batch: Batch,
+        objective: str | LossFn,
+        cfg: FitConfig,
+        optimizer: torch.optim.Optimizer,
+        step: int,
+        *,
+        units_frozen: bool,
+    ) -> tuple[float, float] | None:
+        """One step on the gates: sample z, merge, run, task loss + lambda * expected L0,
+        backward, update. Returns (loss, task loss), or None when the loss is not finite."""
+        z = self.sample_gates(gen)
+        state = self._functional_state(self.merged_parameters(z), fresh_buffers=True)
+        logits, labels = self._forward(state, batch)
+        task = task_loss(objective, logits, labels)
+        loss = task + cfg.l0_lambda * self.l0_penalty()
+        if not torch.isfinite(loss):
+            return None
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if units_frozen:
+            # Warm-up: only whole candidates are judged, on the evidence of every unit at once.
+            self.log_alpha.grad = None
+        if cfg.grad_clip:
+            # A sample that opens an extreme candidate gives gradients 1e5x the usual; clipped,
+            # one such step cannot throw every gate far off.
+            torch.nn.utils.clip_grad_norm_(self.gate_parameters, cfg.grad_clip)
+        optimizer.step()
+        if any(bool(torch.isnan(p).any()) for p in self.gate_parameters):
+            # Only an absurd learning rate gets here (a step overflows float32): stop rather
+            # than return a merge of NaNs.
+            raise PlanError(
+                f"gate training diverged at step {step}: the gate parameters became NaN; "
+                f"lower the learning rate (fit.lr, now {cfg.lr:g})"
+            )
+        return loss.item(), task.item()
 
     # -- checkpoints ---------------------------------------------------------------------------
 

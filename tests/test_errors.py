@@ -496,6 +496,27 @@ CASES = [
         console=True,
     ),
     Case(
+        "unknown-method",
+        "A misspelled merge method",
+        "`method: tiez`",
+        _config(lambda cfg: cfg.update(method="tiez")),
+        ["{dir}/merge.yaml", "method", "'tiez'", "did you mean 'ties'?"],
+    ),
+    Case(
+        "unknown-method-parameter",
+        "A parameter the method does not have",
+        "`method: ties`, `params: {densty: 0.5}`",
+        _config(lambda cfg: cfg.update(method="ties", params={"densty": 0.5})),
+        ["{dir}/merge.yaml", "params", "'densty'", "did you mean 'density'?"],
+    ),
+    Case(
+        "ensemble-has-no-state-dict",
+        "A method that keeps N models, asked for one",
+        "`method: ensemble` in `softmerge merge`",
+        _config(lambda cfg: cfg.update(method="ensemble")),
+        ["{dir}/merge.yaml", "'ensemble'", "softmerge compare"],
+    ),
+    Case(
         "wrong-type",
         "A value of the wrong type",
         "`fit: {steps: '300'}` (a string)",

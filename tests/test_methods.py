@@ -273,8 +273,12 @@ def test_merge_with_a_registry_method_writes_its_state_dict(files, digits, famil
     ("extra", "message"),
     [
         ({"method": "tiez"}, "method: unknown merge method 'tiez'; did you mean 'ties'?"),
-        ({"method": "ties", "params": {"dens": 1}}, "method: method 'ties': unknown parameter"),
+        ({"method": "ties", "params": {"dens": 1}}, "params: method 'ties': unknown parameter"),
         ({"methods": ["uniform_soup", "gready_soup"]}, "methods[1]: unknown merge method"),
+        (
+            {"methods": [{"method": "slerp", "params": {"t": 2}}]},
+            "methods[0].params: method 'slerp': t: input should be less than or equal to 1",
+        ),
         (
             {"methods": [{"method": "soft", "plan": {"granularty": "model"}}]},
             "methods[0].plan: unknown key 'granularty'; did you mean 'granularity'?",

@@ -512,7 +512,7 @@ def merge_with_method(
     if not method.single_model:
         raise ConfigError(
             f"{cfg.source}: method: {cfg.method!r} keeps all {len(cfg.candidates)} models and "
-            "has no single merged state dict; use it in `softmerge compare`"
+            "has no single merged state dict; compare it with softmerge compare instead"
         )
     if args.steps is not None:
         log.warning("--steps applies to soft merging only; ignored for %s", cfg.method)

@@ -48,7 +48,7 @@ from torch import nn
 from .candidates import _default_name
 from .data import LOADERS
 from .errors import ConfigError, SoftmergeError
-from .methods import MergeMethod, get_method
+from .methods import MergeMethod, get_method, method_class
 from .plan import MergePlan
 from .schema import STRICT as _STRICT
 from .schema import FitSection, PlanSection
@@ -476,9 +476,14 @@ def _check_methods(cfg: MergeConfig, report: _Reporter) -> None:
     plan_keys = list(PlanSection.model_fields)
     for key, entry in checks:
         try:
-            cfg.build_method(entry.method, entry.params)
+            method_class(entry.method)
         except SoftmergeError as exc:
             raise report.fail(key, str(exc)) from None
+        params_key = "params" if key == "method" else f"{key}.params"
+        try:
+            cfg.build_method(entry.method, entry.params)
+        except SoftmergeError as exc:
+            raise report.fail(params_key, str(exc)) from None
         for name in entry.plan:
             if name not in plan_keys:
                 raise report.fail(

@@ -278,6 +278,8 @@ class SoftMerger:
         self._buffer_names = {k for k, _ in model.named_buffers()}
         self.layout: GateLayout = build_layout(self.plan, {n: p.shape for n, p in params.items()})
         self.active = torch.tensor([c.is_finite for c in cands])
+        self._all_active = bool(self.active.all())
+        self._active_column = self.active.float().unsqueeze(1)
         self._report_excluded()
         self.reference = int(torch.nonzero(self.active)[0])
         self.stacked = self._stack_merged_tensors()
@@ -350,13 +352,26 @@ class SoftMerger:
         convex: z_j / sum_j z_j. A unit whose gates are all 0 falls back to the reference
         (best-ranked) candidate alone: a valid tensor, never a division by zero.
         delta: the gates themselves (theta_0 + sum_j z_j * tau_j)."""
-        z = z * self.active.unsqueeze(1)
+        z = self._without_excluded(z)
         if self.plan.combine == "delta":
             return z
         total = z.sum(0, keepdim=True)
-        fallback = torch.zeros_like(z)
-        fallback[self.reference] = 1.0
-        return torch.where(total > 0, z / total.clamp_min(1e-12), fallback)
+        return torch.where(total > 0, z / total.clamp_min(1e-12), self._fallback(z.shape))
+
+    def _fallback(self, shape: torch.Size) -> torch.Tensor:
+        """Weights of a unit whose gates are all 0: the reference candidate alone (cached,
+        since it is needed every step and changes only when the reference does)."""
+        key = (self.reference, tuple(shape))
+        if getattr(self, "_fallback_key", None) != key:
+            weights = torch.zeros(shape)
+            weights[self.reference] = 1.0
+            self._fallback_key, self._fallback_weights = key, weights
+        return self._fallback_weights
+
+    def _without_excluded(self, z: torch.Tensor) -> torch.Tensor:
+        """Gates of candidates excluded for non-finite values forced to 0 (a no-op, skipped,
+        when every candidate is finite: the step's small operations add up)."""
+        return z if self._all_active else z * self._active_column
 
     def merged_parameters(self, z: torch.Tensor) -> dict[str, torch.Tensor]:
         w = self.mixing_weights(z)
@@ -364,10 +379,11 @@ class SoftMerger:
         for slot in self.layout.slots:
             stack = self.stacked[slot.name]
             wu = w[:, slot.start : slot.start + slot.count]
-            if slot.per_channel:
-                theta = torch.einsum("nc...,nc->c...", stack, wu)
-            else:
-                theta = torch.tensordot(wu[:, 0], stack, dims=1)
+            if slot.per_channel:  # row c of every candidate times its own weight; sum over N
+                theta = (stack * wu.view(*wu.shape, *[1] * (stack.dim() - 2))).sum(0)
+            else:  # (P, N) @ (N,): its backward is stack @ grad, a fast row-wise product
+                rows = stack.view(stack.shape[0], -1)
+                theta = torch.mv(rows.t(), wu[:, 0]).view(stack.shape[1:])
             if self.base is not None:
                 theta = theta + self.base.state[slot.name].float()
             merged[slot.name] = theta
@@ -400,7 +416,7 @@ class SoftMerger:
             if self.log_alpha_candidate is None
             else (cand(self.log_alpha_candidate).unsqueeze(1) * unit)
         )
-        return out * self.active.unsqueeze(1)
+        return self._without_excluded(out)
 
     def sample_gates(self, generator: torch.Generator) -> torch.Tensor:
         """Train-time effective gates (N, U): candidate gate x unit gate, both sampled."""

@@ -17,12 +17,17 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:  # soft.py imports this module; these names are for annotations only
+    from .soft import FitConfig, LossFn, SoftMerger
 
 from .candidates import _load_error_detail
 from .errors import ConfigError
@@ -92,3 +97,138 @@ def remove_checkpoint(path: str | os.PathLike[str]) -> None:
         for stale in p.parent.glob(f".{p.name}.*.tmp"):
             with contextlib.suppress(OSError):
                 stale.unlink()
+
+
+# ------------------------------------------------------------------ a SoftMerger run
+
+
+@dataclass
+class RunState:
+    """What a checkpoint carries from one process to the next, besides gates and optimiser."""
+
+    losses: dict[str, float]
+    step: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    trajectory: list[torch.Tensor] = field(default_factory=list)
+    window: list[tuple[float, float]] = field(default_factory=list)  # (loss, task) since a record
+    seconds_before: float = 0.0  # training time of the earlier processes
+    seconds_after: float = 0.0  # ... up to the step being saved
+
+
+GATE_KEYS = ("log_alpha", "log_alpha_candidate")  # checkpoint keys, in gate_parameters order
+
+
+def same_loss(a: float, b: float) -> bool:
+    """Equal up to float noise (another thread count sums in another order); inf == inf."""
+    if math.isfinite(a) and math.isfinite(b):
+        return math.isclose(a, b, rel_tol=1e-4, abs_tol=1e-6)
+    return (math.isnan(a) and math.isnan(b)) or a == b
+
+
+def run_fingerprint(
+    merger: SoftMerger, cfg: FitConfig, objective: str | LossFn, total_steps: int, run_key: str
+) -> str:
+    """What defines this run: a checkpoint saved under another fingerprint is refused."""
+    settings = {
+        k: v for k, v in asdict(cfg).items() if k not in ("progress", "checkpoint_every")
+    }
+    loss = objective if isinstance(objective, str) else getattr(objective, "__qualname__", "")
+    description = {
+        "plan": asdict(merger.plan),
+        "fit": settings,
+        "objective": loss,
+        "total_steps": total_steps,
+        "candidates": merger.names,
+        "units": list(merger.layout.units),
+        "run": run_key,
+    }
+    pool = [*merger.candidates, *([] if merger.base is None else [merger.base])]
+    return fingerprint(
+        description, ((f"{c.name}/{k}", t) for c in pool for k, t in c.state.items())
+    )
+
+def save_run(
+    merger: SoftMerger,
+    path: Path,
+    key: str,
+    run: RunState,
+    total_steps: int,
+    optimizer: torch.optim.Optimizer,
+    gen: torch.Generator,
+) -> None:
+    cand = merger.log_alpha_candidate
+    save_checkpoint(
+        path,
+        {
+            "fingerprint": key,
+            "step": run.step,
+            "total_steps": total_steps,
+            "log_alpha": merger.log_alpha.detach().clone(),
+            "log_alpha_candidate": None if cand is None else cand.detach().clone(),
+            "optimizer": optimizer.state_dict(),
+            "generator": gen.get_state(),
+            "history": run.history,
+            "trajectory": run.trajectory,
+            "window": [list(w) for w in run.window],
+            "candidate_losses": dict(run.losses),
+            "reference": merger.reference,
+            "seconds": run.seconds_after,
+        },
+    )
+
+def restore_run(
+    merger: SoftMerger,
+    saved: Mapping[str, Any],
+    path: Path,
+    key: str,
+    losses: Mapping[str, float],
+    optimizer: torch.optim.Optimizer,
+    gen: torch.Generator,
+    total_steps: int,
+) -> RunState:
+    """Put the gates, optimiser and noise generator where the checkpoint left them."""
+    if saved.get("fingerprint") != key:
+        raise ConfigError(
+            f"{path}: refusing to resume: the checkpoint was saved by a different merge "
+            "(candidates, plan, fit settings, seed or data differ); delete it to start over"
+        )
+    old = saved.get("candidate_losses")
+    if (
+        not isinstance(old, dict)
+        or set(old) != set(losses)
+        or not all(same_loss(losses[n], old[n]) for n in losses)
+    ):
+        raise ConfigError(
+            f"{path}: refusing to resume: the candidates' losses on the merge data differ "
+            "from the checkpoint's (other data or another data order); delete it to start over"
+        )
+    try:
+        step = int(saved["step"])
+        if not 0 <= step <= total_steps:
+            raise ValueError(f"step {step} outside 0..{total_steps}")
+        with torch.no_grad():
+            for param, name in zip(merger.gate_parameters, GATE_KEYS, strict=False):
+                value = saved[name]
+                if tuple(value.shape) != tuple(param.shape):  # copy_ would broadcast
+                    raise ValueError(f"{name} has shape {tuple(value.shape)}")
+                param.copy_(value)
+        optimizer.load_state_dict(saved["optimizer"])
+        gen.set_state(saved["generator"])
+        reference = int(saved["reference"])
+        if not 0 <= reference < len(merger.names) or not bool(merger.active[reference]):
+            raise ValueError(f"reference candidate {reference} is not an active candidate")
+        merger.reference = reference
+        run = RunState(
+            losses=dict(old),
+            step=step,
+            history=list(saved["history"]),
+            trajectory=list(saved["trajectory"]),
+            window=[(float(a), float(b)) for a, b in saved["window"]],
+            seconds_before=float(saved["seconds"]),
+        )
+    except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as exc:
+        raise ConfigError(
+            f"{path}: malformed checkpoint ({type(exc).__name__}: {exc}); "
+            "delete it to start over"
+        ) from exc
+    return run

@@ -21,7 +21,7 @@ import numbers
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +33,15 @@ from tqdm.auto import tqdm
 
 from . import gates as hc
 from .candidates import Candidate, check_fits_model, load_candidates, split_base
-from .checkpoint import fingerprint, load_checkpoint, remove_checkpoint, save_checkpoint
-from .errors import CandidateError, ConfigError, DataError, PlanError
+from .checkpoint import (
+    RunState,
+    load_checkpoint,
+    remove_checkpoint,
+    restore_run,
+    run_fingerprint,
+    save_run,
+)
+from .errors import CandidateError, DataError, PlanError
 from .plan import GateLayout, MergePlan, build_layout
 
 log = logging.getLogger("softmerge")
@@ -218,29 +225,6 @@ def _cycle(loader: Iterable[Batch]) -> Iterator[Batch]:
             yield batch
         if empty:
             raise DataError("the merge data loader yields no batch (empty data set)")
-
-
-@dataclass
-class _RunState:
-    """What a checkpoint carries from one process to the next, besides gates and optimiser."""
-
-    losses: dict[str, float]
-    step: int = 0
-    history: list[dict[str, Any]] = field(default_factory=list)
-    trajectory: list[torch.Tensor] = field(default_factory=list)
-    window: list[tuple[float, float]] = field(default_factory=list)  # (loss, task) since a record
-    seconds_before: float = 0.0  # training time of the earlier processes
-    seconds_after: float = 0.0  # ... up to the step being saved
-
-
-_GATE_KEYS = ("log_alpha", "log_alpha_candidate")  # checkpoint keys, in gate_parameters order
-
-
-def _same_loss(a: float, b: float) -> bool:
-    """Equal up to float noise (another thread count sums in another order); inf == inf."""
-    if math.isfinite(a) and math.isfinite(b):
-        return math.isclose(a, b, rel_tol=1e-4, abs_tol=1e-6)
-    return (math.isnan(a) and math.isnan(b)) or a == b
 
 
 # ---------------------------------------------------------------------------------------------
@@ -552,11 +536,11 @@ class SoftMerger:
             else torch.optim.SGD(self.gate_parameters, lr=cfg.lr, momentum=0.9)
         )
         gen = torch.Generator().manual_seed(cfg.seed)
-        key = "" if ckpt is None else self._fingerprint(cfg, objective, total_steps, run_key)
-        run = _RunState(losses=losses)
+        key = "" if ckpt is None else run_fingerprint(self, cfg, objective, total_steps, run_key)
+        run = RunState(losses=losses)
         if saved is not None:
             assert ckpt is not None
-            run = self._restore(saved, ckpt, key, losses, optimizer, gen, total_steps)
+            run = restore_run(self, saved, ckpt, key, losses, optimizer, gen, total_steps)
             self._rest = self._rest_source()  # from the checkpoint's reference candidate
             log.info("resuming gate training at step %d of %d from %s", run.step, total_steps, ckpt)
         two_level = self.log_alpha_candidate is not None
@@ -602,7 +586,7 @@ class SoftMerger:
             due = every and (step % every == 0 and step < total_steps)
             if ckpt is not None and (due or (every and step == total_steps and keep_checkpoint)):
                 run.step, run.seconds_after = step, run.seconds_before + time.perf_counter() - start
-                self._save_checkpoint(ckpt, key, run, total_steps, optimizer, gen)
+                save_run(self, ckpt, key, run, total_steps, optimizer, gen)
         self.model.eval()
         self._bn_buffers = None
         if cfg.recalibrate_bn and has_batchnorm(self.model):
@@ -657,116 +641,6 @@ class SoftMerger:
                 f"lower the learning rate (fit.lr, now {cfg.lr:g})"
             )
         return loss.item(), task.item()
-
-    # -- checkpoints ---------------------------------------------------------------------------
-
-    def _fingerprint(
-        self, cfg: FitConfig, objective: str | LossFn, total_steps: int, run_key: str
-    ) -> str:
-        """What defines this run: a checkpoint saved under another fingerprint is refused."""
-        settings = {
-            k: v for k, v in asdict(cfg).items() if k not in ("progress", "checkpoint_every")
-        }
-        loss = objective if isinstance(objective, str) else getattr(objective, "__qualname__", "")
-        description = {
-            "plan": asdict(self.plan),
-            "fit": settings,
-            "objective": loss,
-            "total_steps": total_steps,
-            "candidates": self.names,
-            "units": list(self.layout.units),
-            "run": run_key,
-        }
-        pool = [*self.candidates, *([] if self.base is None else [self.base])]
-        return fingerprint(
-            description, ((f"{c.name}/{k}", t) for c in pool for k, t in c.state.items())
-        )
-
-    def _save_checkpoint(
-        self,
-        path: Path,
-        key: str,
-        run: _RunState,
-        total_steps: int,
-        optimizer: torch.optim.Optimizer,
-        gen: torch.Generator,
-    ) -> None:
-        cand = self.log_alpha_candidate
-        save_checkpoint(
-            path,
-            {
-                "fingerprint": key,
-                "step": run.step,
-                "total_steps": total_steps,
-                "log_alpha": self.log_alpha.detach().clone(),
-                "log_alpha_candidate": None if cand is None else cand.detach().clone(),
-                "optimizer": optimizer.state_dict(),
-                "generator": gen.get_state(),
-                "history": run.history,
-                "trajectory": run.trajectory,
-                "window": [list(w) for w in run.window],
-                "candidate_losses": dict(run.losses),
-                "reference": self.reference,
-                "seconds": run.seconds_after,
-            },
-        )
-
-    def _restore(
-        self,
-        saved: Mapping[str, Any],
-        path: Path,
-        key: str,
-        losses: Mapping[str, float],
-        optimizer: torch.optim.Optimizer,
-        gen: torch.Generator,
-        total_steps: int,
-    ) -> _RunState:
-        """Put the gates, optimiser and noise generator where the checkpoint left them."""
-        if saved.get("fingerprint") != key:
-            raise ConfigError(
-                f"{path}: refusing to resume: the checkpoint was saved by a different merge "
-                "(candidates, plan, fit settings, seed or data differ); delete it to start over"
-            )
-        old = saved.get("candidate_losses")
-        if (
-            not isinstance(old, dict)
-            or set(old) != set(losses)
-            or not all(_same_loss(losses[n], old[n]) for n in losses)
-        ):
-            raise ConfigError(
-                f"{path}: refusing to resume: the candidates' losses on the merge data differ "
-                "from the checkpoint's (other data or another data order); delete it to start over"
-            )
-        try:
-            step = int(saved["step"])
-            if not 0 <= step <= total_steps:
-                raise ValueError(f"step {step} outside 0..{total_steps}")
-            with torch.no_grad():
-                for param, name in zip(self.gate_parameters, _GATE_KEYS, strict=False):
-                    value = saved[name]
-                    if tuple(value.shape) != tuple(param.shape):  # copy_ would broadcast
-                        raise ValueError(f"{name} has shape {tuple(value.shape)}")
-                    param.copy_(value)
-            optimizer.load_state_dict(saved["optimizer"])
-            gen.set_state(saved["generator"])
-            reference = int(saved["reference"])
-            if not 0 <= reference < len(self.names) or not bool(self.active[reference]):
-                raise ValueError(f"reference candidate {reference} is not an active candidate")
-            self.reference = reference
-            run = _RunState(
-                losses=dict(old),
-                step=step,
-                history=list(saved["history"]),
-                trajectory=list(saved["trajectory"]),
-                window=[(float(a), float(b)) for a, b in saved["window"]],
-                seconds_before=float(saved["seconds"]),
-            )
-        except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as exc:
-            raise ConfigError(
-                f"{path}: malformed checkpoint ({type(exc).__name__}: {exc}); "
-                "delete it to start over"
-            ) from exc
-        return run
 
     def _initialise_gates(self, cfg: FitConfig, losses: Mapping[str, float]) -> None:
         """Every gate at ``init_gate``, minus a prior from each candidate's solo loss.

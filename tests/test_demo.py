@@ -64,9 +64,10 @@ def test_compare_runs_every_method_on_the_demo_candidates(quick_demo, capsys):
     learn = {"steps": 30, "select_every": 10}
     short = {"learned_soup": learn, "task_wise_adamerging": learn, "layer_wise_adamerging": learn}
     short["soft"] = {"steps": 30}
-    entries = [  # slerp needs exactly 2 models: covered in tests/test_methods.py
-        {"method": name, "params": short.get(name, {})} for name in METHOD_NAMES if name != "slerp"
-    ]
+    entries = [{"method": name, "params": short.get(name, {})} for name in METHOD_NAMES]
+    for entry in entries:
+        if entry["method"] == "slerp":  # exactly two models: two children, not the parent
+            entry.update(candidates=["child0", "child1"], plan={"base": None})
     config = {
         "model": {"factory": "softmerge.zoo:CNN1D", "kwargs": {"channels": CHANNELS}},
         "candidates": [str(out / "candidates" / f"child{k}.safetensors") for k in range(5)],

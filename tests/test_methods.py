@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 
 from softmerge import ConfigError, PlanError
 from softmerge.cli import main
-from softmerge.compare import compare, default_entries, split_held_out
+from softmerge.compare import Entry, compare, default_entries, split_held_out
 from softmerge.data import digits_splits
 from softmerge.methods import METHOD_NAMES, REGISTRY, MergeContext, get_method
 from softmerge.methods import tensorwise as tw
@@ -181,9 +181,9 @@ def test_clear_errors_for_bad_method_requests(digits, family):
 
 
 def test_default_comparison_skips_what_does_not_apply():
-    names = [m.name for _, m, _ in default_entries(5, has_base=False)]
+    names = [e.method.name for e in default_entries(5, has_base=False)]
     assert "ties" not in names and "slerp" not in names and "soft" in names
-    names = [m.name for _, m, _ in default_entries(5, has_base=True)]
+    names = [e.method.name for e in default_entries(5, has_base=True)]
     assert {"ties", "task_arithmetic", "dare_ties", "model_stock"} <= set(names)
 
 
@@ -193,7 +193,7 @@ def test_compare_api_gives_one_row_per_candidate_and_method(digits, family):
     rows = compare(
         _mlp(),
         children,
-        [("soup", get_method("uniform_soup"), None), ("ens", get_method("ensemble"), None)],
+        [Entry("soup", get_method("uniform_soup")), Entry("ens", get_method("ensemble"))],
         eval_loader=DataLoader(digits.test, batch_size=256),
         base=parent,
         merge_loader=_loader(learn),
@@ -243,6 +243,8 @@ def test_compare_runs_every_method_from_yaml(files, capsys):
     entries = [
         {"method": n, "params": FAST.get(n, {})} for n in METHOD_NAMES if n not in ("slerp",)
     ]
+    # SLERP interpolates two models: two of the candidates, without the comparison's base.
+    entries.append({"method": "slerp", "candidates": ["a", "c"], "plan": {"base": None}})
     channel = {"granularity": "channel"}
     entries.append({"method": "soft", "label": "soft (channel)", "plan": channel})
     cfg = _yaml(files, methods=entries)
@@ -284,6 +286,10 @@ def test_merge_with_a_registry_method_writes_its_state_dict(files, digits, famil
             "methods[0].plan: unknown key 'granularty'; did you mean 'granularity'?",
         ),
         ({"method": "ensemble"}, "keeps all 3 models and has no single merged state dict"),
+        (
+            {"methods": [{"method": "slerp", "candidates": ["a", "x"]}]},
+            "methods[0].candidates: 'x' is not a candidate name (a, b, c)",
+        ),
     ],
 )
 def test_bad_method_config_is_one_clear_error(files, capsys, extra, message):
@@ -314,3 +320,23 @@ def test_compare_without_a_methods_list_runs_what_applies(files, capsys):
     assert main([*args, "--methods", "uniform_soup,ties,output ensemble"]) == 0
     rows = json.loads((files / "dflt" / "compare.json").read_text())["rows"]
     assert [r["method"] for r in rows[3:]] == ["uniform soup", "ties", "output ensemble"]
+
+
+def test_each_compared_method_sees_the_same_data_order(digits, family):
+    """A method's result does not depend on which methods ran before it in a comparison."""
+    learn, _ = split_held_out(digits.merge, 0.3, seed=0)
+    soup = Entry("soup", get_method("learned_soup", steps=15, select_every=0))
+    other = Entry("soft", get_method("soft", steps=7))
+
+    def run(entries):
+        rows = compare(
+            _mlp(),
+            family[1],
+            entries,
+            eval_loader=DataLoader(digits.test, batch_size=256),
+            merge_loader=_loader(learn),
+            include_candidates=False,
+        )
+        return rows[-1]["loss"]
+
+    assert run([soup]) == run([other, soup])

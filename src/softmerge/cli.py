@@ -556,22 +556,27 @@ def merge_with_method(
 
 def compare_entries(cfg: MergeConfig, ctx: MergeContext, only: list[str] | None) -> list[Entry]:
     if cfg.methods:
-        entries: list[Entry] = [
-            (e.title, cfg.build_method(e.method, e.params), cfg.plan_for(e) if e.plan else None)
+        entries = [
+            Entry(
+                e.title,
+                cfg.build_method(e.method, e.params),
+                cfg.plan_for(e) if e.plan else None,
+                e.candidates,
+            )
             for e in cfg.methods
         ]
     else:
         soft = cfg.fit.model_dump(exclude={"seed", "progress"})
         entries = default_entries(len(ctx.pool), ctx.base_candidate is not None, soft)
     if only:
-        known = {label for label, _, _ in entries} | {m.name for _, m, _ in entries}
+        known = {e.label for e in entries} | {e.method.name for e in entries}
         unknown = [name for name in only if name not in known]
         if unknown:
             raise ConfigError(
                 f"--methods: {unknown[0]!r} is not in this comparison "
                 f"(choose from: {', '.join(sorted(known))})"
             )
-        entries = [e for e in entries if e[0] in only or e[1].name in only]
+        entries = [e for e in entries if e.label in only or e.method.name in only]
     return entries
 
 

@@ -1,7 +1,7 @@
 """Run several merge methods on the same candidates and data; one table of results.
 
->>> rows = compare(model, candidates, [("uniform soup", get_method("uniform_soup"), None),
-...                                    ("soft", get_method("soft"), None)],
+>>> rows = compare(model, candidates, [Entry("uniform soup", get_method("uniform_soup")),
+...                                    Entry("soft", get_method("soft"))],
 ...                merge_loader=merge, eval_loader=test)   # doctest: +SKIP
 
 Every method gets the same :class:`~softmerge.methods.MergeContext` (one per distinct plan), so
@@ -14,12 +14,13 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 from torch.utils.data import Dataset, Subset
 
+from .errors import ConfigError
 from .methods import MergeContext, MergeMethod, MergeOutcome, get_method
 from .plan import MergePlan
 from .report import format_markdown_table, format_table
@@ -47,7 +48,14 @@ DEFAULT_ENTRIES: tuple[tuple[str, str, dict[str, Any]], ...] = (
     ("soft merging", "soft", {}),
 )
 
-Entry = tuple[str, MergeMethod, MergePlan | None]  # (label, method, plan or None: the shared one)
+@dataclass
+class Entry:
+    """One row of a comparison: a method, and optionally its own plan or candidate subset."""
+
+    label: str
+    method: MergeMethod
+    plan: MergePlan | None = None  # None: the comparison's plan
+    candidates: list[str] | None = None  # names; None: every candidate (SLERP needs two)
 
 
 def default_entries(
@@ -62,7 +70,7 @@ def default_entries(
             continue
         if name == "slerp" and candidates + has_base != 2:
             continue  # SLERP interpolates two models
-        entries.append((label, method, None))
+        entries.append(Entry(label, method))
     return entries
 
 
@@ -96,18 +104,18 @@ def compare(
     include_candidates: bool = True,
 ) -> list[dict[str, Any]]:
     """One row per candidate (when asked) and per entry, in order."""
-    contexts: dict[str, MergeContext] = {}
+    contexts: dict[tuple[str, tuple[str, ...] | None], MergeContext] = {}
 
-    def context(p: MergePlan) -> MergeContext:
-        key = repr(asdict(p))
+    def context(p: MergePlan, subset: list[str] | None = None) -> MergeContext:
+        key = (repr(asdict(p)), None if subset is None else tuple(subset))
         if key not in contexts:
             first = next(iter(contexts.values()), None)  # later contexts reuse its loaded pool
             contexts[key] = MergeContext(
                 model,
-                candidates if first is None else first.pool,
+                candidates if first is None else _subset(first, subset),
                 names=names if first is None else None,
                 plan=p,
-                base=base if first is None else first.base_candidate,
+                base=base if first is None else _same_base(first, p),
                 merge_loader=merge_loader,
                 held_out_loader=held_out_loader,
                 seed=seed,
@@ -117,11 +125,39 @@ def compare(
 
     shared = context(plan or MergePlan())
     rows = candidate_rows(shared, eval_loader) if include_candidates else []
-    for label, method, entry_plan in entries:
-        log.info("running %s", label)
-        ctx = context(entry_plan or shared.plan)
-        rows.append(method_row(label, method, method.merge(ctx), ctx, eval_loader))
+    for entry in entries:
+        log.info("running %s", entry.label)
+        ctx = context(entry.plan or shared.plan, entry.candidates)
+        rewind(merge_loader)
+        outcome = entry.method.merge(ctx)
+        rows.append(method_row(entry.label, entry.method, outcome, ctx, eval_loader))
     return rows
+
+
+def rewind(loader: Iterable[Any] | None) -> None:
+    """Reset a seeded DataLoader's shuffle generator to its seed, so that every method sees the
+    merge data in the same order whatever ran before it (each pass over a DataLoader draws from
+    that generator)."""
+    generator = getattr(loader, "generator", None)
+    if isinstance(generator, torch.Generator):
+        generator.manual_seed(generator.initial_seed())
+
+
+def _same_base(first: MergeContext, plan: MergePlan) -> Any:
+    """The loaded base, unless this plan names another one (or none): then the plan's."""
+    return first.base_candidate if plan.base == first.plan.base else None
+
+
+def _subset(ctx: MergeContext, names: list[str] | None) -> list[Any]:
+    if names is None:
+        return ctx.pool
+    known = {c.name: c for c in ctx.pool}
+    missing = [n for n in names if n not in known]
+    if missing:
+        raise ConfigError(
+            f"candidate {missing[0]!r} is not one of the candidates ({', '.join(known)})"
+        )
+    return [known[n] for n in names]
 
 
 def candidate_rows(ctx: MergeContext, eval_loader: Iterable[Any]) -> list[dict[str, Any]]:

@@ -140,6 +140,7 @@ class MethodEntry(BaseModel):
     label: str | None = None
     params: Annotated[dict[str, Any], BeforeValidator(_none_as_empty)] = Field(default_factory=dict)
     plan: Annotated[dict[str, Any], BeforeValidator(_none_as_empty)] = Field(default_factory=dict)
+    candidates: Annotated[list[str], Field(min_length=1)] | None = None  # names; None: all
 
     @model_validator(mode="before")
     @classmethod
@@ -493,6 +494,14 @@ def _check_methods(cfg: MergeConfig, report: _Reporter) -> None:
             cfg.plan_for(entry)
         except (SoftmergeError, TypeError) as exc:
             raise report.fail(f"{key}.plan", str(exc)) from None
+        names = cfg.candidate_names()
+        for name in entry.candidates or []:
+            if name not in names:
+                raise report.fail(
+                    f"{key}.candidates",
+                    f"{name!r} is not a candidate name ({', '.join(names)})"
+                    + _suggest(name, names),
+                )
 
 
 _FACTORY = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")

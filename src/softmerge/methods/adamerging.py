@@ -12,7 +12,7 @@ Ours too: with a labelled held-out split in the context, the iterate with the lo
 loss is kept (early stopping; ``select_every: 0`` turns it off and keeps the last iterate, as the
 label-free original does). On local optima of one task, entropy minimisation alone keeps
 scaling the task vectors up (sharper, more confident predictions) and accuracy falls: on the
-demo's candidates from 91.07 % to 85.33 % after 300 steps, layer-wise (docs/methods.md)."""
+demo's candidates from 91.07 % to 85.10 % after 300 steps, layer-wise (docs/methods.md)."""
 
 from __future__ import annotations
 

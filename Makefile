@@ -32,5 +32,13 @@ lint: $(STAMP)
 test: $(STAMP) lint
 	$(PY) -m pytest -q
 
+# Every claim of the paper, measured (issue 4): trains every candidate from scratch (seeds 0-2;
+# --fresh drops bench-out/cache), merges them with every method, times the gate step, then
+# writes docs/results.md and docs/results/*.png. About 30-45 minutes on 2 cores; set
+# OMP_NUM_THREADS to choose the thread count (recorded on the page with the total run time).
+bench: $(STAMP)
+	$(PY) benchmarks/run.py --fresh --out bench-out
+	$(PY) benchmarks/report.py --results bench-out/results.json --docs docs
+
 clean:
 	rm -rf demo-out bench-out .pytest_cache .ruff_cache

@@ -125,6 +125,18 @@ def core_specs(scale: Scale, *, parent: bool, delta: bool = False) -> list[Spec]
             Spec(f"soft ({g})", "soft", dict(soft), granularity=g, base=delta, group="soft")
         )
     if delta:
+        specs += [  # lambda of task arithmetic, inside soft merging: plan.delta_scale
+            Spec(
+                f"soft ({g}, delta_scale tuned)",
+                "soft",
+                dict(soft),
+                granularity=g,
+                base=True,
+                tune_lambda=True,
+                group="soft",
+            )
+            for g in ("model", "tensor")
+        ]
         specs.append(
             Spec(
                 "soft (tensor, entropy: no labels)",
@@ -326,8 +338,8 @@ class Table:
         self.record("best single (chosen on merge split)", group="reference", chosen=best, **rec)
         return preds
 
-    def context(self, spec: Spec) -> MergeContext:
-        plan_kw = dict(self.plan_kw, granularity=spec.granularity)
+    def context(self, spec: Spec, plan_extra: dict[str, Any] | None = None) -> MergeContext:
+        plan_kw = dict(self.plan_kw, granularity=spec.granularity, **(plan_extra or {}))
         cands, names = list(self.pool.values()), list(self.pool)
         if spec.base:
             cands, names = [self.fam.parent, *cands], ["parent", *names]
@@ -353,8 +365,8 @@ class Table:
                 spec.row, group=spec.group, method=spec.method, error=f"{type(exc).__name__}: {exc}"
             )
 
-    def _merge(self, spec: Spec, params: dict[str, Any]):
-        ctx = self.context(spec)
+    def _merge(self, spec: Spec, params: dict[str, Any], plan_extra: dict[str, Any] | None = None):
+        ctx = self.context(spec, plan_extra)
         method = get_method(spec.method, **params)
         return method.merge(ctx), ctx, method
 
@@ -365,7 +377,10 @@ class Table:
         if spec.tune_lambda:
             best, seconds, peak, scan = None, 0.0, 0.0, {}
             for lam in self.r.scale.lambdas:
-                out, ctx, method = self._merge(spec, {**params, "lambda": float(lam)})
+                if spec.method == "soft":  # soft merging's lambda: plan.delta_scale
+                    out, ctx, method = self._merge(spec, params, {"delta_scale": float(lam)})
+                else:
+                    out, ctx, method = self._merge(spec, {**params, "lambda": float(lam)})
                 t0 = time.perf_counter()
                 mp, my, _ = predict(out.model, self.merge)
                 acc = accuracy(mp, my)
@@ -572,13 +587,7 @@ class Runner:
     def partial(self, fam: FamilyCandidates, pool: dict[str, State]) -> None:
         """S4: merge only the body (head from the best candidate), or only the head."""
         head = {"mlp_mnist": "net.5.*", "resnet_mnist1d": "head.*"}[fam.family.arch]
-        soft = {"steps": self.scale.soft_steps}
-        specs = [
-            Spec("uniform soup", "uniform_soup", group="reference"),
-            Spec("greedy soup", "greedy_soup", group="reference"),
-            Spec("soft (tensor)", "soft", dict(soft), granularity="tensor", group="soft"),
-            Spec("soft (channel)", "soft", dict(soft), granularity="channel", group="soft"),
-        ]
+        specs = core_specs(self.scale, parent=True)  # every method, on the plan's part only
         for name, plan in (
             ("body only", {"exclude": [head], "rest_from": "best"}),
             ("head only", {"include": [head], "rest_from": "best"}),

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
-from softmerge import FitConfig, MergePlan, SoftMerger
+from softmerge import FitConfig, MergePlan, PlanError, SoftMerger
 from softmerge.data import digits_splits
 from softmerge.methods.soups import uniform_soup
 from softmerge.zoo import MLP, evaluate, train
@@ -166,6 +166,25 @@ def test_delta_combination_is_base_plus_gated_task_vectors(children):
         merger.log_alpha.fill_(-10.0)
     state = merger.merged_state_dict()
     assert all(torch.allclose(state[k], base[k]) for k in base)
+
+
+def test_delta_scale_scales_every_open_task_vector(children):
+    base = uniform_soup(children)
+    merger = SoftMerger(
+        model(),
+        [base, *children],
+        MergePlan(combine="delta", base="base", delta_scale=0.3),
+        names=["base", "t0", "t1", "t2"],
+    )
+    with torch.no_grad():
+        merger.log_alpha.fill_(10.0)
+        merger.log_alpha_candidate.fill_(10.0)
+    state = merger.merged_state_dict()
+    expected = {k: base[k] + 0.3 * sum(c[k] - base[k] for c in children) for k in base}
+    assert all(torch.allclose(state[k], expected[k], atol=1e-5) for k in base)
+    for bad in (0.0, -1.0, float("inf"), True):
+        with pytest.raises(PlanError, match="delta_scale must be a positive number"):
+            MergePlan(combine="delta", base="base", delta_scale=bad)
 
 
 def test_entropy_objective_needs_no_labels(children, digits):

@@ -16,6 +16,7 @@ a one-line change.
 from __future__ import annotations
 
 import fnmatch
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -39,6 +40,9 @@ class MergePlan:
     base: str | None = None  # delta: name of the candidate (or path) that is theta_0
     rest_from: str = "best"  # "best", "average" or a candidate name
     candidate_gate: bool = True  # add one gate per candidate above the unit gates
+    # delta: theta_0 + delta_scale * sum_j z_j tau_j. 1 is the plain formula; task arithmetic's
+    # lambda (about 0.3) keeps a sample with several gates at exactly 1 from overshooting.
+    delta_scale: float = 1.0
 
     def __post_init__(self) -> None:
         if self.granularity not in GRANULARITIES:
@@ -47,6 +51,10 @@ class MergePlan:
             raise PlanError(f"combine must be one of {COMBINES}, got {self.combine!r}")
         if self.combine == "delta" and not self.base:
             raise PlanError("combine 'delta' needs a base model: set plan.base")
+        scale = self.delta_scale
+        number = isinstance(scale, (int, float)) and not isinstance(scale, bool)
+        if not (number and 0 < scale < math.inf):
+            raise PlanError(f"delta_scale must be a positive number, got {scale!r}")
         if isinstance(self.include, str) or isinstance(self.exclude, str):
             raise PlanError("include and exclude are lists of glob patterns, not strings")
 

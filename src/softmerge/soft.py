@@ -325,6 +325,8 @@ class SoftMerger:
                 stack = stack - self.base.state[slot.name].float() * self.active.view(
                     -1, *([1] * (stack.dim() - 1))
                 )
+                if self.plan.delta_scale != 1.0:  # an open gate adds delta_scale x tau_j
+                    stack = stack * self.plan.delta_scale
             stacked[slot.name] = stack
         return stacked
 

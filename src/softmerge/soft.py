@@ -217,7 +217,8 @@ def recalibrate_batchnorm(model: nn.Module, loader: Iterable[Batch]) -> bool:
     return True
 
 
-def _cycle(loader: Iterable[Batch]) -> Iterator[Batch]:
+def cycle_batches(loader: Iterable[Batch]) -> Iterator[Batch]:
+    """The loader's batches, pass after pass; an empty loader is a DataError."""
     while True:
         empty = True
         for batch in loader:
@@ -549,7 +550,7 @@ class SoftMerger:
         warmup = int(cfg.warmup * total_steps) if two_level else 0  # steps with unit gates frozen
         history, trajectory, window = run.history, run.trajectory, run.window
         set_gate_training_mode(self.model)
-        batches = _cycle(loader)
+        batches = cycle_batches(loader)
         for _ in range(run.step):  # the batches the interrupted run used: same data order
             next(batches)
         bar = tqdm(

@@ -29,7 +29,6 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, ValidationError
 from torch import nn
 from torch.func import functional_call
@@ -38,6 +37,7 @@ from ..candidates import Candidate, check_fits_model, load_candidates, split_bas
 from ..errors import CandidateError, ConfigError, DataError, PlanError
 from ..plan import MergePlan, build_layout
 from ..profiling import measure
+from ..soft import has_batchnorm, logits_of, recalibrate_batchnorm, split_batch, task_loss
 
 State = dict[str, torch.Tensor]
 
@@ -163,8 +163,6 @@ class MergeContext:
     def build(self, state: Mapping[str, torch.Tensor]) -> nn.Module:
         """A fresh model holding ``state``; BatchNorm statistics re-estimated on the merge set,
         because averaged running statistics do not describe averaged weights."""
-        from ..soft import has_batchnorm, recalibrate_batchnorm  # soft imports nothing here
-
         model = self.build_plain(state)
         if self.merge_loader is not None and has_batchnorm(model):
             recalibrate_batchnorm(model, self.merge_loader)
@@ -186,59 +184,21 @@ class MergeOutcome:
 # Small helpers shared by the learning methods
 
 
-def split_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
-    if isinstance(batch, (list, tuple)):
-        return batch[0], batch[1] if len(batch) > 1 else None
-    return batch, None
-
-
-def entropy(logits: torch.Tensor) -> torch.Tensor:
-    logp = F.log_softmax(logits, dim=-1)
-    return -(logp.exp() * logp).sum(-1).mean()
-
-
-def batch_loss(logits: torch.Tensor, labels: torch.Tensor | None, objective: str) -> torch.Tensor:
-    if objective == "entropy":
-        return entropy(logits)
-    if labels is None:
-        raise DataError(
-            "objective 'cross_entropy' needs labels but the batch has none; "
-            "use objective 'entropy' to merge without labels"
-        )
-    return F.cross_entropy(logits, labels)
-
-
 @torch.no_grad()
 def mean_loss(
-    model: nn.Module, state: Mapping[str, torch.Tensor], batches: Sequence[Any], objective="auto"
+    model: nn.Module, state: Mapping[str, torch.Tensor], batches: Sequence[Any]
 ) -> float:
-    """Loss of ``model`` with ``state`` on ``batches`` (cross-entropy when labelled)."""
+    """Loss of ``model`` with ``state`` on ``batches``: cross-entropy when labelled, else the
+    prediction entropy."""
     was = model.training
     model.eval()
     total = 0.0
     for batch in batches:
-        x, y = split_batch(batch)
-        logits = functional_call(model, dict(state), (x,))
-        obj = objective if objective != "auto" else ("entropy" if y is None else "cross_entropy")
-        total += float(batch_loss(logits, y, obj))
+        args, kwargs, labels = split_batch(batch)
+        logits = logits_of(functional_call(model, dict(state), args, kwargs))
+        total += float(task_loss("entropy" if labels is None else "cross_entropy", logits, labels))
     model.train(was)
     return total / max(1, len(batches))
-
-
-@torch.no_grad()
-def accuracy(model: nn.Module, loader: Iterable[Any]) -> float:
-    """Accuracy in percent of ``model`` on a labelled loader (held-out scoring)."""
-    model.eval()
-    correct = count = 0
-    for batch in loader:
-        x, y = split_batch(batch)
-        if y is None:
-            raise DataError("held-out scoring needs labels, but the loader yields none")
-        correct += int((model(x).argmax(-1) == y).sum())
-        count += len(y)
-    if not count:
-        raise DataError("the held-out loader yields no sample")
-    return 100.0 * correct / count
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,8 +8,7 @@ become coefficients (softmax per tensor, clamped task-vector scales) and the obj
 
 from __future__ import annotations
 
-import itertools
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -17,9 +16,15 @@ from torch import nn
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
-from ..errors import DataError
+from ..soft import (  # the batch helpers of gate training, so both read batches alike
+    cycle_batches,
+    logits_of,
+    set_gate_training_mode,
+    split_batch,
+    task_loss,
+)
 from ..zoo import evaluate
-from .base import MergeContext, State, batch_loss, split_batch
+from .base import MergeContext, State
 
 CoefficientFn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -54,9 +59,9 @@ class CoefficientMerge:
         return out
 
     def forward(self, coefficients: torch.Tensor, batch: Any):
-        x, y = split_batch(batch)
+        args, kwargs, labels = split_batch(batch)
         state = {**self.rest, **self.merged(coefficients)}
-        return functional_call(self.ctx.model, state, (x,)), y
+        return logits_of(functional_call(self.ctx.model, state, args, kwargs)), labels
 
     def train(
         self,
@@ -77,14 +82,12 @@ class CoefficientMerge:
         stopping, so the result is never worse than the start on held-out loss. (Loss, not
         accuracy: on a few hundred samples accuracy moves in steps of whole samples and picks
         noise.) Without a held-out loader: the last iterate."""
-        from ..soft import set_gate_training_mode  # BatchNorm on batch statistics, as gates do
-
         loader = self.ctx.require_data(desc)
         held_out = self.ctx.held_out_loader if select_every else None
         optimizer = torch.optim.Adam([raw], lr=lr)
         history: list[dict[str, float]] = []
         best: tuple[float, int, torch.Tensor] | None = None
-        batches = _cycle(loader)
+        batches = cycle_batches(loader)
         bar = tqdm(range(steps + 1), desc=desc, disable=not self.ctx.progress, leave=False)
         for step in bar:
             if held_out is not None and (step % select_every == 0 or step == steps):
@@ -97,7 +100,7 @@ class CoefficientMerge:
                 break
             set_gate_training_mode(self.ctx.model)
             logits, labels = self.forward(to_coefficients(raw), next(batches))
-            loss = batch_loss(logits, labels, objective)
+            loss = task_loss(objective, logits, labels)
             if not torch.isfinite(loss):
                 continue  # an extreme candidate can overflow one batch; do not poison Adam
             optimizer.zero_grad(set_to_none=True)
@@ -123,12 +126,3 @@ class CoefficientMerge:
         with torch.no_grad():
             return self.ctx.assemble(self.merged(coefficients))
 
-
-def _cycle(loader: Iterable[Any]) -> Iterator[Any]:
-    for epoch in itertools.count():
-        empty = True
-        for batch in loader:
-            empty = False
-            yield batch
-        if empty and epoch == 0:
-            raise DataError("the merge data loader yields no batch (empty data set)")

@@ -11,7 +11,8 @@ from collections.abc import Mapping
 
 import torch
 
-from .base import MergeContext, MergeMethod, MergeOutcome, accuracy, register
+from ..zoo import evaluate
+from .base import MergeContext, MergeMethod, MergeOutcome, register
 from .soups import greedy_soup
 
 
@@ -26,7 +27,7 @@ class GreedySoup(MergeMethod):
         parts = [{k: s[k] for k in ctx.merged_names} for s in ctx.states]
 
         def score(soup: Mapping[str, torch.Tensor]) -> float:
-            return accuracy(ctx.build(ctx.assemble(soup)), held_out)
+            return evaluate(ctx.build(ctx.assemble(soup)), held_out)[0]
 
         soup, kept = greedy_soup(parts, score)
         state = ctx.assemble(soup)

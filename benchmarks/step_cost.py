@@ -8,12 +8,12 @@ In one process, for each model and thread count, two kinds of step are timed *in
 steps after a warm-up is kept:
 
 - plain: ``loss = CE(model(x), y)``; zero_grad; backward; SGD (momentum 0.9) step on the weights;
-- gate: one soft-merging step as :meth:`softmerge.SoftMerger.fit` does it (sample the gates,
-  ``merged_parameters``, ``functional_call`` forward, task loss + lambda * ``l0_penalty``,
-  finiteness check, backward, gradient clipping, SGD step on the gates, NaN check of the
-  gates, ``loss.item()``).
+- gate: one soft-merging step, ``FitLoop.train_step`` of the loop :meth:`SoftMerger.fit` runs
+  (sample the gates, merge from the candidate stack, ``functional_call`` forward, task loss +
+  lambda * expected L0, finiteness check, backward, gradient clipping, SGD step on the gates,
+  NaN check of the gates).
 
-A third number checks the replica against the real thing: ``fit`` run for ``2K`` and for ``K``
+A third number adds the loop's own bookkeeping: ``fit`` run for ``2K`` and for ``K``
 steps, the difference divided by ``K`` (ranking, set-up and BatchNorm re-estimation cancel out;
 the per-step recording every ``record_every`` steps stays in). Inputs are random tensors of the
 data's shape (timing does not depend on values).
@@ -24,7 +24,6 @@ data's shape (timing does not depend on values).
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import logging
 import statistics
@@ -40,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from models import ARCHS, build
 
 from softmerge import FitConfig, MergePlan, SoftMerger
-from softmerge.soft import set_gate_training_mode, task_loss
+from softmerge.evaluation import set_gate_training_mode
 
 N_CANDIDATES = 5
 BATCH = 128
@@ -82,39 +81,21 @@ class PlainStep:
 
 
 class GateStep:
-    """The body of ``SoftMerger.fit``'s loop (after the warm-up: unit gates train too)."""
+    """One step of ``SoftMerger.fit``'s own loop (``FitLoop.train_step``), after the warm-up
+    (unit gates train too)."""
 
     def __init__(self, arch: str, batch, granularity: str, n: int = N_CANDIDATES) -> None:
         self.merger = SoftMerger(
             build(arch, seed=0), _candidates(arch, n), MergePlan(granularity=granularity)
         )
-        self.cfg = FitConfig()
-        self.opt = torch.optim.SGD(self.merger.gate_parameters, lr=self.cfg.lr, momentum=0.9)
-        self.gen = torch.Generator().manual_seed(0)
+        self.cfg = FitConfig(progress=False, warmup=0.0)
+        self.loop = self.merger.make_loop([batch], self.cfg)
         self.batch = batch
-        # fit() builds the functional state with fresh BatchNorm buffers where soft.py has them
-        sig = inspect.signature(self.merger._functional_state)
-        self.state_kw = {"fresh_buffers": True} if "fresh_buffers" in sig.parameters else {}
         set_gate_training_mode(self.merger.model)
 
     def __call__(self) -> None:
-        m, cfg = self.merger, self.cfg
-        z = m.sample_gates(self.gen)
-        state = m._functional_state(m.merged_parameters(z), **self.state_kw)
-        logits, labels = m._forward(state, self.batch)
-        task = task_loss(cfg.objective, logits, labels)
-        loss = task + cfg.l0_lambda * m.l0_penalty()
-        if not torch.isfinite(loss):
-            return
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(m.gate_parameters, cfg.grad_clip)
-        self.opt.step()
-        if any(bool(torch.isnan(p).any()) for p in m.gate_parameters):  # fit's divergence check
-            raise RuntimeError("gates diverged")
-        loss.item()
-        task.item()
+        self.loop.step += 1
+        self.loop.train_step(self.batch)
 
 
 class MergeOnly:

@@ -18,8 +18,9 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from softmerge import __version__, cli
-from softmerge.cli import main, staged_output
+from softmerge.cli import main
 from softmerge.data import Splits, digits_splits
+from softmerge.io import staged_output
 from softmerge.zoo import MLP, evaluate, train
 
 SPLIT_KWARGS = {"num_merge": 300, "num_test": 400, "seed": 0}
@@ -217,7 +218,7 @@ def test_usage_errors_and_version(capsys: pytest.CaptureFixture[str]) -> None:
 def test_interrupt_exits_130(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    def interrupted(_: object) -> None:
+    def interrupted(*_: object) -> None:
         raise KeyboardInterrupt
 
     monkeypatch.setattr(cli, "load_config", interrupted)

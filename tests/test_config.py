@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import dataclasses
 import sys
 import uuid
 from collections.abc import Callable
@@ -12,6 +11,7 @@ from typing import Any
 
 import pytest
 import yaml
+from pydantic import ValidationError
 
 from softmerge.config import MergeConfig, load_config
 from softmerge.errors import ConfigError
@@ -55,15 +55,40 @@ def config_error(path: Path) -> str:
 # ------------------------------------------------------------------------------------ valid
 
 
-def test_defaults_come_from_the_dataclasses(folder: Path) -> None:
+def test_defaults_come_from_the_settings_classes(folder: Path) -> None:
     cfg = load_config(write(folder, BASE))
     assert cfg.plan() == MergePlan()
     assert cfg.fit_config() == FitConfig()
     assert cfg.data.batch_size == 128 and cfg.data.seed == 0
-    # Every dataclass field is a config key, and no other: the sections cannot drift.
+    # The sections are the settings classes themselves: every field is a key, and no other.
+    assert type(cfg.plan()) is MergePlan and type(cfg.fit_config()) is FitConfig
     dumped = cfg.model_dump(by_alias=True)
-    assert set(dumped["plan"]) == {f.name for f in dataclasses.fields(MergePlan)}
-    assert set(dumped["fit"]) == {f.name for f in dataclasses.fields(FitConfig)}
+    assert set(dumped["plan"]) == set(MergePlan.model_fields)
+    assert set(dumped["fit"]) == set(FitConfig.model_fields)
+
+
+def test_overrides_meet_the_same_schema_and_leave_the_file_alone(folder: Path) -> None:
+    path = write(folder, BASE)
+    before = path.read_text()
+    cfg = load_config(path, ["fit.steps=7", "plan.granularity=module", "?nosuch.key=1"])
+    assert (cfg.fit.steps, cfg.plan().granularity) == (7, "module")
+    assert path.read_text() == before
+    with pytest.raises(ConfigError, match=r"fit\.lr: must be > 0, got -1"):
+        load_config(path, ["fit.lr=-1"])
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        load_config(path, ["fit.lr"])
+
+
+def test_validation_returns_a_new_frozen_config(folder: Path) -> None:
+    content = copy.deepcopy(BASE)
+    content["plan"] = {"combine": "delta", "base": "ckpt/a.safetensors"}
+    raw = copy.deepcopy(content)
+    cfg = MergeConfig.model_validate(content, context={"root": folder})
+    assert content == raw  # the input was not edited: names and paths are on the result
+    assert cfg.candidate_names() == ["a", "b"]
+    assert Path(cfg.plan().base) == folder / "ckpt" / "a.safetensors"
+    with pytest.raises(ValidationError):
+        cfg.fit.lr = 3.0  # type: ignore[misc]
 
 
 def test_every_value_round_trips(folder: Path) -> None:
@@ -106,8 +131,7 @@ output: {dir: out}
         rest_from="first",
         candidate_gate=False,
     )
-    expected = dataclasses.replace(
-        FitConfig(),
+    expected = FitConfig().replace(
         steps=50,
         lr=0.01,
         l0_lambda=0.003,

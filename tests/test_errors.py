@@ -321,7 +321,7 @@ def _out_is_input(folder: Path, _: pytest.MonkeyPatch) -> list[str]:
 def _disk_full(folder: Path, monkeypatch: pytest.MonkeyPatch) -> list[str]:
     (folder / "out").mkdir()
     (folder / "out" / "notes.txt").write_text("kept")  # an existing output folder stays as it was
-    monkeypatch.setattr("softmerge.io.save_file", disk_full)
+    monkeypatch.setattr("softmerge.export.weights.save_file", disk_full)
     return []
 
 
@@ -483,7 +483,7 @@ CASES = [
     Case(
         "no-labels",
         "Unlabelled data with a supervised objective",
-        "no `y` in the merge file, `fit.objective: cross_entropy`",
+        "no `y` in the merge file, the default objective (classification)",
         _data(x=torch.zeros(8, 16)),
         ["{dir}/data/merge.safetensors", "'y'", "fit.objective: entropy"],
     ),
@@ -821,10 +821,10 @@ def test_every_torch_load_is_weights_only() -> None:
                 assert name not in ("pickle.load", "pickle.loads", "dill.load"), (
                     f"{path}:{node.lineno}: {name}"
                 )
-    # candidates, data tensors files (cli) and gate-training checkpoints
+    # candidates, data tensors files and gate-training checkpoints
     assert {w.split(":")[0] for w in found} >= {
-        "softmerge/candidates.py",
-        "softmerge/cli.py",
+        "softmerge/candidates/readers.py",
+        "softmerge/data/tensors.py",
         "softmerge/checkpoint.py",
     }
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
 import json
 import math
 import os
@@ -29,9 +28,10 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from softmerge import FitConfig, MergePlan, SoftMerger
 from softmerge.candidates import inspect_candidates, load_candidate
-from softmerge.cli import load_data, make_loaders
 from softmerge.config import parse_config
 from softmerge.errors import SoftmergeError
+from softmerge.objectives import resolve_objective
+from softmerge.pipeline import load_data, merge_loader
 from softmerge.report import gates_to_dict
 from softmerge.zoo import MLP
 
@@ -198,12 +198,12 @@ def _merge_from_config(config: Any, folder: Path) -> None:
     cfg = parse_config(config, source=folder / "fuzz.yaml", root=folder)
     fit = cfg.fit_config()
     # A few steps are enough to meet every stage; the schema alone allows a million.
-    fit = dataclasses.replace(fit, steps=min(fit.steps or 2, 2), epochs=None, progress=False)
-    fit = dataclasses.replace(fit, rank_batches=min(fit.rank_batches, 2))
+    fit = fit.replace(steps=min(fit.steps or 2, 2), epochs=None, progress=False)
+    fit = fit.replace(rank_batches=min(fit.rank_batches, 2))
     model = cfg.build_model()
     merger = SoftMerger(model, cfg.candidate_paths(), cfg.plan(), names=cfg.candidate_names())
-    data = load_data(cfg, fit.objective)
-    loader, _ = make_loaders(data, min(cfg.data.batch_size, 64), cfg.data.seed)
+    data = load_data(cfg, resolve_objective(fit.objective, model))
+    loader = merge_loader(data.merge, min(cfg.data.batch_size, 64), cfg.data.seed)
     merger.fit(loader, config=fit)
     state = merger.merged_state_dict()
     assert list(state) == list(model.state_dict())

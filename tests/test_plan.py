@@ -51,7 +51,7 @@ def test_a_pattern_that_matches_nothing_is_an_error_naming_it() -> None:
         ({"granularity": "foo"}, "granularity must be one of"),
         ({"combine": "sum"}, "combine must be one of"),
         ({"combine": "delta"}, "needs a base"),
-        ({"include": "head.*"}, "lists of glob patterns"),
+        ({"include": "head.*"}, "include must be a list, got 'head.*'"),
     ],
 )
 def test_bad_plans_are_refused(kwargs: dict, message: str) -> None:

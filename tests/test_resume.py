@@ -361,7 +361,7 @@ def test_malformed_checkpoint_is_a_clear_error(
 ) -> None:
     ckpt = _interrupted_checkpoint(tmp_path, monkeypatch, CFG)
     saved = load_checkpoint(ckpt)
-    saved["log_alpha"] = torch.zeros(2, 2)  # wrong shape
+    saved["module"]["log_alpha"] = torch.zeros(2, 2)  # wrong shape
     save_checkpoint(ckpt, {k: v for k, v in saved.items() if k not in ("format", "version")})
     with pytest.raises(ConfigError, match="malformed checkpoint"):
         _merger().fit(_loader(), config=CFG, checkpoint=ckpt, resume=True)

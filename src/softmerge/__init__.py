@@ -13,6 +13,7 @@ The public API is small::
 __version__ = "0.1.0"
 
 from .candidates import Candidate, load_candidates
+from .context import MergeContext
 from .errors import (
     CandidateError,
     ConfigError,
@@ -20,8 +21,10 @@ from .errors import (
     PlanError,
     SoftmergeError,
 )
+from .evaluation import evaluate, model_with_state, recalibrate_batchnorm
+from .fit import FitConfig, FitResult
 from .plan import MergePlan
-from .soft import FitConfig, FitResult, SoftMerger, recalibrate_batchnorm
+from .soft import SoftMerger
 
 __all__ = [
     "Candidate",
@@ -30,11 +33,14 @@ __all__ = [
     "DataError",
     "FitConfig",
     "FitResult",
+    "MergeContext",
     "MergePlan",
     "PlanError",
     "SoftMerger",
     "SoftmergeError",
     "__version__",
+    "evaluate",
     "load_candidates",
+    "model_with_state",
     "recalibrate_batchnorm",
 ]

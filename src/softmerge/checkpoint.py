@@ -1,15 +1,16 @@
-"""Checkpoints of gate training: save every K steps, resume after a crash with the same result.
+"""Checkpoints of a fit: save every K steps, resume after a crash with the same result.
 
-A checkpoint holds everything the rest of a run depends on: both levels of ``log_alpha``, the
-optimiser's state, the gate-noise generator's state, the step, the history, trajectory and
-loss window so far, and the candidates' solo losses. The merge data's order is not stored: the
-loader is rebuilt from its seed and fast-forwarded past the batches already used, so a resumed
-run sees the same batches in the same order and ends with bit-identical gates.
+A checkpoint holds what the rest of a run depends on and nothing else: the trained module's
+``state_dict`` (the gates), the optimiser's state, the noise generator's state, the step, each
+callback's ``state_dict`` (history, trajectory...) and the run's own notes (the candidates' solo
+losses, the reference candidate). The merge data's order is not stored: the loader is rebuilt
+from its seed and fast-forwarded past the batches already used, so a resumed run sees the same
+batches in the same order and ends with bit-identical gates.
 
-A checkpoint also records a *fingerprint* of the merge (candidates' bytes, plan, fit settings,
-seed, step count and the caller's description of the data); resuming with anything else is
-refused. Files are written atomically (a crash mid-write leaves the previous checkpoint) and
-read with ``torch.load(weights_only=True)``: a checkpoint cannot run code.
+A checkpoint also records a *fingerprint* of the merge (the stacked candidates' bytes, plan,
+fit settings, seed, step count and the caller's description of the data); resuming with anything
+else is refused. Files are written atomically (a crash mid-write leaves the previous checkpoint)
+and read with ``torch.load(weights_only=True)``: a checkpoint cannot run code.
 """
 
 from __future__ import annotations
@@ -20,21 +21,19 @@ import json
 import math
 import os
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
+from torch import nn
 
-if TYPE_CHECKING:  # soft.py imports this module; these names are for annotations only
-    from .soft import FitConfig, LossFn, SoftMerger
-
-from .candidates import _load_error_detail
+from .candidates import load_error_detail
 from .errors import ConfigError
+from .fit import Callback, FitLoop, StepInfo
 from .io import atomic_write
 
 FORMAT = "softmerge-fit-checkpoint"
-VERSION = 1
+VERSION = 2
 
 
 def checkpoint_path(out_dir: str | os.PathLike[str]) -> Path:
@@ -49,9 +48,10 @@ def fingerprint(description: Mapping[str, Any], tensors: Iterable[tuple[str, tor
     digest = hashlib.sha256(json.dumps(description, sort_keys=True, default=str).encode())
     for name, t in tensors:
         digest.update(f"\0{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
-        flat = t.detach().cpu().contiguous().reshape(-1)
-        if flat.numel():
-            digest.update(flat.view(torch.uint8).numpy().data)
+        flat = t.detach().contiguous().reshape(-1)
+        for start in range(0, flat.numel(), 1 << 24):  # 16M elements at a time off the device
+            part = flat[start : start + (1 << 24)].cpu()
+            digest.update(part.view(torch.uint8).numpy().data)
     return digest.hexdigest()
 
 
@@ -73,7 +73,7 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     try:
         obj = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types on a truncated or foreign file
-        detail = _load_error_detail(str(exc)) or type(exc).__name__
+        detail = load_error_detail(str(exc)) or type(exc).__name__
         raise ConfigError(
             f"{p}: cannot read the checkpoint (truncated or corrupt?): {detail}; "
             "delete it to start over"
@@ -99,25 +99,6 @@ def remove_checkpoint(path: str | os.PathLike[str]) -> None:
                 stale.unlink()
 
 
-# ------------------------------------------------------------------ a SoftMerger run
-
-
-@dataclass
-class RunState:
-    """What a checkpoint carries from one process to the next, besides gates and optimiser."""
-
-    losses: dict[str, float]
-    step: int = 0
-    history: list[dict[str, Any]] = field(default_factory=list)
-    trajectory: list[torch.Tensor] = field(default_factory=list)
-    window: list[tuple[float, float]] = field(default_factory=list)  # (loss, task) since a record
-    seconds_before: float = 0.0  # training time of the earlier processes
-    seconds_after: float = 0.0  # ... up to the step being saved
-
-
-GATE_KEYS = ("log_alpha", "log_alpha_candidate")  # checkpoint keys, in gate_parameters order
-
-
 def same_loss(a: float, b: float) -> bool:
     """Equal up to float noise (another thread count sums in another order); inf == inf."""
     if math.isfinite(a) and math.isfinite(b):
@@ -125,74 +106,74 @@ def same_loss(a: float, b: float) -> bool:
     return (math.isnan(a) and math.isnan(b)) or a == b
 
 
-def run_fingerprint(
-    merger: SoftMerger, cfg: FitConfig, objective: str | LossFn, total_steps: int, run_key: str
-) -> str:
-    """What defines this run: a checkpoint saved under another fingerprint is refused."""
-    settings = {
-        k: v for k, v in asdict(cfg).items() if k not in ("progress", "checkpoint_every")
-    }
-    loss = objective if isinstance(objective, str) else getattr(objective, "__qualname__", "")
-    description = {
-        "plan": asdict(merger.plan),
-        "fit": settings,
-        "objective": loss,
-        "total_steps": total_steps,
-        "candidates": merger.names,
-        "units": list(merger.layout.units),
-        "run": run_key,
-    }
-    pool = [*merger.candidates, *([] if merger.base is None else [merger.base])]
-    return fingerprint(
-        description, ((f"{c.name}/{k}", t) for c in pool for k, t in c.state.items())
-    )
+class Checkpointer(Callback):
+    """Saves the run every ``every`` steps (and at the last step with ``keep_last``).
 
-def save_run(
-    merger: SoftMerger,
-    path: Path,
-    key: str,
-    run: RunState,
-    total_steps: int,
-    optimizer: torch.optim.Optimizer,
-    gen: torch.Generator,
-) -> None:
-    cand = merger.log_alpha_candidate
-    save_checkpoint(
-        path,
-        {
-            "fingerprint": key,
-            "step": run.step,
-            "total_steps": total_steps,
-            "log_alpha": merger.log_alpha.detach().clone(),
-            "log_alpha_candidate": None if cand is None else cand.detach().clone(),
-            "optimizer": optimizer.state_dict(),
-            "generator": gen.get_state(),
-            "history": run.history,
-            "trajectory": run.trajectory,
-            "window": [list(w) for w in run.window],
-            "candidate_losses": dict(run.losses),
-            "reference": merger.reference,
-            "seconds": run.seconds_after,
-        },
-    )
+    ``module`` is what trains (its ``state_dict``); ``notes`` are the run's own facts a resumed
+    run must find again (solo losses, reference candidate). ``save`` is False on every process
+    of a distributed run but the first: one writer."""
 
-def restore_run(
-    merger: SoftMerger,
+    name = "checkpointer"
+
+    def __init__(
+        self,
+        path: Path,
+        every: int,
+        key: str,
+        module: nn.Module,
+        notes: Mapping[str, Any],
+        *,
+        keep_last: bool = False,
+        save: bool = True,
+    ) -> None:
+        self.path, self.every, self.key = path, every, key
+        self.module, self.notes = module, dict(notes)
+        self.keep_last, self.save = keep_last, save
+
+    def on_step(self, loop: FitLoop, info: StepInfo) -> None:
+        if not self.every:
+            return
+        due = info.step % self.every == 0 and info.step < info.total
+        if due or (info.step == info.total and self.keep_last):
+            self.write(loop)
+
+    def write(self, loop: FitLoop) -> None:
+        if not self.save:
+            return
+        params = {k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()}
+        save_checkpoint(
+            self.path,
+            {
+                "fingerprint": self.key,
+                "step": loop.step,
+                "total_steps": loop.total_steps,
+                "module": params,
+                "optimizer": loop.optimizer.state_dict(),
+                "generator": None if loop.generator is None else loop.generator.get_state(),
+                "callbacks": {cb.name: cb.state_dict() for cb in loop.callbacks},
+                "notes": self.notes,
+                "seconds": loop.seconds,
+            },
+        )
+
+
+def restore(
     saved: Mapping[str, Any],
     path: Path,
     key: str,
+    loop: FitLoop,
+    module: nn.Module,
     losses: Mapping[str, float],
-    optimizer: torch.optim.Optimizer,
-    gen: torch.Generator,
-    total_steps: int,
-) -> RunState:
-    """Put the gates, optimiser and noise generator where the checkpoint left them."""
+) -> dict[str, Any]:
+    """Put the module, optimiser, generator, callbacks and step where the checkpoint left them;
+    returns the saved notes. Refuses (ConfigError naming ``path``) a checkpoint of another merge."""
     if saved.get("fingerprint") != key:
         raise ConfigError(
             f"{path}: refusing to resume: the checkpoint was saved by a different merge "
             "(candidates, plan, fit settings, seed or data differ); delete it to start over"
         )
-    old = saved.get("candidate_losses")
+    notes = saved.get("notes")
+    old = notes.get("candidate_losses") if isinstance(notes, dict) else None
     if (
         not isinstance(old, dict)
         or set(old) != set(losses)
@@ -204,31 +185,22 @@ def restore_run(
         )
     try:
         step = int(saved["step"])
-        if not 0 <= step <= total_steps:
-            raise ValueError(f"step {step} outside 0..{total_steps}")
-        with torch.no_grad():
-            for param, name in zip(merger.gate_parameters, GATE_KEYS, strict=False):
-                value = saved[name]
-                if tuple(value.shape) != tuple(param.shape):  # copy_ would broadcast
-                    raise ValueError(f"{name} has shape {tuple(value.shape)}")
-                param.copy_(value)
-        optimizer.load_state_dict(saved["optimizer"])
-        gen.set_state(saved["generator"])
-        reference = int(saved["reference"])
-        if not 0 <= reference < len(merger.names) or not bool(merger.active[reference]):
-            raise ValueError(f"reference candidate {reference} is not an active candidate")
-        merger.reference = reference
-        run = RunState(
-            losses=dict(old),
-            step=step,
-            history=list(saved["history"]),
-            trajectory=list(saved["trajectory"]),
-            window=[(float(a), float(b)) for a, b in saved["window"]],
-            seconds_before=float(saved["seconds"]),
-        )
-    except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as exc:
+        if not 0 <= step <= loop.total_steps:
+            raise ValueError(f"step {step} outside 0..{loop.total_steps}")
+        own = module.state_dict()
+        for name, value in saved["module"].items():
+            if name not in own or tuple(value.shape) != tuple(own[name].shape):
+                raise ValueError(f"{name} has shape {tuple(value.shape)}")
+        module.load_state_dict(saved["module"], strict=True)
+        loop.optimizer.load_state_dict(saved["optimizer"])
+        if loop.generator is not None:
+            loop.generator.set_state(saved["generator"])
+        for cb in loop.callbacks:
+            cb.load_state_dict(saved["callbacks"].get(cb.name, {}))
+        loop.step = step
+        loop.seconds_before = float(saved["seconds"])
+    except (KeyError, TypeError, ValueError, IndexError, RuntimeError, AttributeError) as exc:
         raise ConfigError(
-            f"{path}: malformed checkpoint ({type(exc).__name__}: {exc}); "
-            "delete it to start over"
+            f"{path}: malformed checkpoint ({type(exc).__name__}: {exc}); delete it to start over"
         ) from exc
-    return run
+    return dict(notes)

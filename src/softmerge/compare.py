@@ -4,9 +4,10 @@
 ...                                    Entry("soft", get_method("soft"))],
 ...                merge_loader=merge, eval_loader=test)   # doctest: +SKIP
 
-Every method gets the same :class:`~softmerge.methods.MergeContext` (one per distinct plan), so
-the candidates are loaded once; each row has accuracy and loss on the eval set, the merge's
-wall time, its peak memory and how many models inference needs (1, or N for the ensemble).
+Every method gets a :class:`~softmerge.context.MergeContext` (one per distinct plan and
+candidate subset, all sharing the candidates opened once); each row has the objective's metric
+(accuracy, or perplexity for language models) and loss on the eval set, the merge's wall time,
+its peak memory and how many models inference needs (1, or N for the ensemble).
 """
 
 from __future__ import annotations
@@ -14,21 +15,19 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch.utils.data import Dataset, Subset
 
+from .context import MergeContext
 from .errors import ConfigError
-from .methods import MergeContext, MergeMethod, MergeOutcome, get_method
+from .methods import MergeMethod, MergeOutcome, get_method
 from .plan import MergePlan
 from .report import format_markdown_table, format_table
-from .zoo import evaluate
 
 log = logging.getLogger("softmerge")
-
-COLUMNS = ["method", "accuracy", "loss", "seconds", "peak_mb", "models"]
 
 # Settings for a comparison nobody configured: FusionBench's usual ones for the task-vector
 # methods (lambda 0.3; TIES keeps 20 %; DARE drops half), defaults for the rest.
@@ -47,6 +46,7 @@ DEFAULT_ENTRIES: tuple[tuple[str, str, dict[str, Any]], ...] = (
     ("output ensemble", "ensemble", {}),
     ("soft merging", "soft", {}),
 )
+
 
 @dataclass
 class Entry:
@@ -84,8 +84,49 @@ def split_held_out(dataset: Dataset, fraction: float, seed: int) -> tuple[Datase
     return Subset(dataset, order[k:]), Subset(dataset, order[:k])
 
 
-def _finite(value: float) -> float | None:
+def finite_or_none(value: float) -> float | None:
     return value if math.isfinite(value) else None  # NaN is not valid JSON
+
+
+class Comparison:
+    """Contexts for every (plan, candidate subset) of one comparison, opened from one pool."""
+
+    def __init__(self, first: MergeContext) -> None:
+        self.first = first
+        self.contexts: dict[tuple[str, tuple[str, ...] | None], MergeContext] = {
+            (repr(first.plan.model_dump()), None): first
+        }
+
+    def context(self, plan: MergePlan | None, subset: list[str] | None = None) -> MergeContext:
+        first = self.first
+        plan = plan or first.plan
+        key = (repr(plan.model_dump()), None if subset is None else tuple(subset))
+        if key not in self.contexts:
+            self.contexts[key] = MergeContext(
+                first.template,
+                _subset(first, subset),
+                plan=plan,
+                base=first.base_candidate if plan.base == first.plan.base else None,
+                merge_loader=first.merge_loader,
+                held_out_loader=first.held_out_loader,
+                seed=first.seed,
+                progress=first.progress,
+                objective=first.objective_fn,
+                device=first.device,
+                storage_dtype=first.storage_dtype,
+                rank_batches=first.rank_batches,
+            )
+        return self.contexts[key]
+
+    def run(self, entry: Entry, eval_loader: Iterable[Any] | None) -> dict[str, Any]:
+        log.info("running %s", entry.label)
+        ctx = self.context(entry.plan, entry.candidates)
+        for other in self.contexts.values():
+            if other is not ctx:
+                other.release_stack()  # one stack in memory at a time
+        rewind(ctx.merge_loader)
+        outcome = entry.method.merge(ctx)
+        return method_row(entry.label, entry.method, outcome, ctx, eval_loader)
 
 
 def compare(
@@ -102,36 +143,35 @@ def compare(
     seed: int = 0,
     progress: bool = False,
     include_candidates: bool = True,
+    objective: Any = "auto",
 ) -> list[dict[str, Any]]:
     """One row per candidate (when asked) and per entry, in order."""
-    contexts: dict[tuple[str, tuple[str, ...] | None], MergeContext] = {}
+    first = MergeContext(
+        model,
+        candidates,
+        names=names,
+        plan=plan or MergePlan(),
+        base=base,
+        merge_loader=merge_loader,
+        held_out_loader=held_out_loader,
+        seed=seed,
+        progress=progress,
+        objective=objective,
+    )
+    return compare_in(first, entries, eval_loader, include_candidates=include_candidates)
 
-    def context(p: MergePlan, subset: list[str] | None = None) -> MergeContext:
-        key = (repr(asdict(p)), None if subset is None else tuple(subset))
-        if key not in contexts:
-            first = next(iter(contexts.values()), None)  # later contexts reuse its loaded pool
-            contexts[key] = MergeContext(
-                model,
-                candidates if first is None else _subset(first, subset),
-                names=names if first is None else None,
-                plan=p,
-                base=base if first is None else _same_base(first, p),
-                merge_loader=merge_loader,
-                held_out_loader=held_out_loader,
-                seed=seed,
-                progress=progress,
-            )
-        return contexts[key]
 
-    shared = context(plan or MergePlan())
-    rows = candidate_rows(shared, eval_loader) if include_candidates else []
-    for entry in entries:
-        log.info("running %s", entry.label)
-        ctx = context(entry.plan or shared.plan, entry.candidates)
-        rewind(merge_loader)
-        outcome = entry.method.merge(ctx)
-        rows.append(method_row(entry.label, entry.method, outcome, ctx, eval_loader))
-    return rows
+def compare_in(
+    first: MergeContext,
+    entries: Sequence[Entry],
+    eval_loader: Iterable[Any] | None,
+    *,
+    include_candidates: bool = True,
+) -> list[dict[str, Any]]:
+    """The rows of :func:`compare` for contexts derived from ``first``."""
+    comparison = Comparison(first)
+    rows = candidate_rows(first, eval_loader) if include_candidates and eval_loader else []
+    return rows + [comparison.run(entry, eval_loader) for entry in entries]
 
 
 def rewind(loader: Iterable[Any] | None) -> None:
@@ -141,11 +181,6 @@ def rewind(loader: Iterable[Any] | None) -> None:
     generator = getattr(loader, "generator", None)
     if isinstance(generator, torch.Generator):
         generator.manual_seed(generator.initial_seed())
-
-
-def _same_base(first: MergeContext, plan: MergePlan) -> Any:
-    """The loaded base, unless this plan names another one (or none): then the plan's."""
-    return first.base_candidate if plan.base == first.plan.base else None
 
 
 def _subset(ctx: MergeContext, names: list[str] | None) -> list[Any]:
@@ -160,11 +195,30 @@ def _subset(ctx: MergeContext, names: list[str] | None) -> list[Any]:
     return [known[n] for n in names]
 
 
-def candidate_rows(ctx: MergeContext, eval_loader: Iterable[Any]) -> list[dict[str, Any]]:
+def row(label: str, kind: str, metrics: dict[str, float] | None, key: str = "method") -> dict:
+    """One table row: label, kind, the objective's metric and loss (None when not evaluated)."""
+    out: dict[str, Any] = {key: label, "kind": kind}
+    for name, value in (metrics or {}).items():
+        out[name] = finite_or_none(value)
+    return out
+
+
+def candidate_rows(
+    ctx: MergeContext, eval_loader: Iterable[Any] | None, key: str = "method"
+) -> list[dict[str, Any]]:
     """Each candidate alone (with its own BatchNorm statistics)."""
-    return [
-        _row(c.name, "candidate", ctx.build_plain(c.state), eval_loader, None) for c in ctx.pool
-    ]
+    if eval_loader is None:
+        return []
+    rows = []
+    for c in ctx.pool:
+        metrics = ctx.evaluate(ctx.build_plain(c.state), eval_loader)
+        c.close()
+        rows.append({**row(c.name, "candidate", metrics, key), **_no_cost()})
+    return rows
+
+
+def _no_cost() -> dict[str, Any]:
+    return {"seconds": None, "peak_mb": None, "models": 1}
 
 
 def method_row(
@@ -172,27 +226,17 @@ def method_row(
     method: MergeMethod,
     outcome: MergeOutcome,
     ctx: MergeContext,
-    eval_loader: Iterable[Any],
+    eval_loader: Iterable[Any] | None,
+    key: str = "method",
 ) -> dict[str, Any]:
-    return _row(
-        label,
-        method.name,
-        outcome.model,
-        eval_loader,
-        {
-            "seconds": round(outcome.seconds, 3),
-            "peak_mb": round(outcome.peak_mb, 1),
-            "models": 1 if method.single_model else len(ctx.pool),
-            "info": plain_info(outcome.info),
-        },
-    )
-
-
-def _row(label: str, kind: str, model, loader, extra: dict[str, Any] | None) -> dict[str, Any]:
-    accuracy, loss = evaluate(model, loader)
-    row = {"method": label, "kind": kind, "accuracy": accuracy, "loss": _finite(loss)}
-    row.update(extra or {"seconds": None, "peak_mb": None, "models": 1})
-    return row
+    metrics = ctx.evaluate(outcome.model, eval_loader) if eval_loader is not None else None
+    return {
+        **row(label, method.name, metrics, key),
+        "seconds": round(outcome.seconds, 3),
+        "peak_mb": round(outcome.peak_mb, 1),
+        "models": 1 if method.single_model else len(ctx.pool),
+        "info": plain_info(outcome.info),
+    }
 
 
 def plain_info(info: dict[str, Any]) -> dict[str, Any]:
@@ -206,9 +250,15 @@ def plain_info(info: dict[str, Any]) -> dict[str, Any]:
     return keep
 
 
-def table_text(rows: Sequence[dict[str, Any]]) -> str:
-    return format_table(list(rows), COLUMNS, floatfmt=".3f")
+def columns(rows: Sequence[dict[str, Any]], key: str = "method") -> list[str]:
+    """The table's columns: the metrics present in the rows, then the costs."""
+    metric = [m for m in ("accuracy", "perplexity") if any(m in r for r in rows)]
+    return [key, *metric, "loss", "seconds", "peak_mb", "models"]
 
 
-def table_markdown(rows: Sequence[dict[str, Any]]) -> str:
-    return format_markdown_table(list(rows), COLUMNS, floatfmt=".3f")
+def table_text(rows: Sequence[dict[str, Any]], key: str = "method") -> str:
+    return format_table(list(rows), columns(rows, key), floatfmt=".3f")
+
+
+def table_markdown(rows: Sequence[dict[str, Any]], key: str = "method") -> str:
+    return format_markdown_table(list(rows), columns(rows, key), floatfmt=".3f")

@@ -1,4 +1,5 @@
-"""The YAML config of ``softmerge merge``: schema, path resolution and one-line errors.
+"""The YAML config of ``softmerge merge`` and ``compare``: schema, overrides, path resolution,
+one-line errors.
 
 A config names the model (an importable factory), the candidate checkpoints, the data, the
 merge plan, the fit settings and the output folder::
@@ -10,15 +11,20 @@ merge plan, the fit settings and the output folder::
     fit:        {steps: 300, l0_lambda: 0.01}  # fields of FitConfig
     output:     {dir: merged-out}
 
-The ``plan`` and ``fit`` sections are generated from the :class:`MergePlan` and
-:class:`FitConfig` dataclasses, so their keys and defaults cannot drift from the library's.
-Relative paths resolve against the config file's folder. Every problem, from a YAML syntax
+The ``plan`` and ``fit`` sections *are* :class:`MergePlan` and :class:`FitConfig` (one
+definition of each setting, see :mod:`softmerge.schema`). ``model`` and ``data`` may be left out
+for methods that need neither (a static merge without evaluation). Relative paths resolve
+against the config file's folder. Command-line overrides (``--set fit.steps=100``) are applied to
+the YAML before it is checked, so they meet the same schema. Every problem, from a YAML syntax
 error to a missing checkpoint or an unimportable factory, is found before any work starts and
 raised as one :class:`ConfigError` line: ``merge.yaml: fit.l0_lambda: must be >= 0, got -1.0``.
+Checking never edits what it checks: :func:`load_config` returns a new, frozen, resolved config
+(absolute paths, every candidate named).
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import importlib
@@ -45,27 +51,30 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 from torch import nn
 
-from .candidates import _default_name
+from .candidates import default_name
 from .data import LOADERS
 from .errors import ConfigError, SoftmergeError
+from .fit import FitConfig
 from .methods import MergeMethod, get_method, method_class
 from .plan import MergePlan
-from .schema import STRICT as _STRICT
-from .schema import FitSection, PlanSection
-from .soft import FitConfig
+from .schema import STRICT, describe_validation, got
 
 DATASETS: tuple[str, ...] = (*LOADERS, "tensors")
+_SECTION = STRICT  # every section is strict and frozen, like the settings classes
 
 
 # ---------------------------------------------------------------------------------------------
 # Paths: resolved against the config's folder (passed as validation context), checked to exist.
 
 
+def _root(info: ValidationInfo) -> Path:
+    return Path((info.context or {}).get("root") or Path.cwd())
+
+
 def _resolve(value: Any, info: ValidationInfo) -> Path:
     if not isinstance(value, (str, os.PathLike)) or not os.fspath(value):
         raise PydanticCustomError("path_type", "expected a path, got {got}", {"got": repr(value)})
-    root = (info.context or {}).get("root") or Path.cwd()
-    return Path(root) / Path(value).expanduser()
+    return _root(info) / Path(value).expanduser()
 
 
 def _existing_path(value: Any, info: ValidationInfo) -> Path | None:
@@ -92,18 +101,21 @@ def _none_as_empty(value: Any) -> Any:
     return {} if value is None else value
 
 
+Kwargs = Annotated[dict[str, Any], BeforeValidator(_none_as_empty)]
+
+
 # ---------------------------------------------------------------------------------------------
 # The schema.
 
 
 class ModelSection(BaseModel):
-    model_config = _STRICT
+    model_config = _SECTION
     factory: str
-    kwargs: Annotated[dict[str, Any], BeforeValidator(_none_as_empty)] = Field(default_factory=dict)
+    kwargs: Kwargs = Field(default_factory=dict)
 
 
 class CandidateEntry(BaseModel):
-    model_config = _STRICT
+    model_config = _SECTION
     path: ExistingPath
     name: Annotated[str, Field(min_length=1)] | None = None
 
@@ -114,12 +126,12 @@ class CandidateEntry(BaseModel):
 
 
 class DataSection(BaseModel):
-    model_config = _STRICT
+    model_config = _SECTION
     dataset: Literal[DATASETS]  # type: ignore[valid-type]
     path: ExistingPath = None
     merge: ExistingPath = None
     eval: ExistingPath = None
-    kwargs: Annotated[dict[str, Any], BeforeValidator(_none_as_empty)] = Field(default_factory=dict)
+    kwargs: Kwargs = Field(default_factory=dict)
     batch_size: Annotated[int, Field(ge=1)] = 128
     seed: Annotated[int, Field(ge=0, lt=2**64)] = 0  # torch.Generator's range
     # Fraction of the merge set kept out of learning: greedy soup scores on it, and learned
@@ -128,18 +140,19 @@ class DataSection(BaseModel):
 
 
 class OutputSection(BaseModel):
-    model_config = _STRICT
+    model_config = _SECTION
     dir: OutputPath
+    shard_size: str | int = "5GB"  # safetensors shards of at most this size (bytes or '2GB')
 
 
 class MethodEntry(BaseModel):
     """One row of ``softmerge compare``: a registered method, its parameters, a plan override."""
 
-    model_config = _STRICT
+    model_config = _SECTION
     method: str
     label: str | None = None
-    params: Annotated[dict[str, Any], BeforeValidator(_none_as_empty)] = Field(default_factory=dict)
-    plan: Annotated[dict[str, Any], BeforeValidator(_none_as_empty)] = Field(default_factory=dict)
+    params: Kwargs = Field(default_factory=dict)
+    plan: Kwargs = Field(default_factory=dict)
     candidates: Annotated[list[str], Field(min_length=1)] | None = None  # names; None: all
 
     @model_validator(mode="before")
@@ -155,18 +168,18 @@ class MethodEntry(BaseModel):
 class MergeConfig(BaseModel):
     """A validated merge config; paths are absolute, every candidate has a name."""
 
-    model_config = _STRICT
-    model: ModelSection
+    model_config = _SECTION
+    model: ModelSection | None = None
     candidates: Annotated[list[CandidateEntry], Field(min_length=2)]
-    data: DataSection
+    data: DataSection | None = None
     # The YAML key is ``plan``; the attribute has another name so ``plan()`` can be a method.
-    plan_section: PlanSection = Field(default_factory=PlanSection, alias="plan")  # type: ignore[valid-type]
-    fit: FitSection = Field(default_factory=FitSection)  # type: ignore[valid-type]
+    plan_section: MergePlan = Field(default_factory=MergePlan, alias="plan")
+    fit: FitConfig = Field(default_factory=FitConfig)
     output: OutputSection
     # `softmerge merge` runs `method` (any registered name) with `params`; for "soft" the
     # params override the fit section. `softmerge compare` runs every entry of `methods`.
     method: str = "soft"
-    params: Annotated[dict[str, Any], BeforeValidator(_none_as_empty)] = Field(default_factory=dict)
+    params: Kwargs = Field(default_factory=dict)
     methods: list[MethodEntry] | None = None
 
     _source: Path = PrivateAttr(default_factory=Path)
@@ -178,16 +191,34 @@ class MergeConfig(BaseModel):
     def _empty_section(cls, value: Any) -> Any:
         return _none_as_empty(value)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _resolve_names(cls, data: Any, info: ValidationInfo) -> Any:
+        """Name every candidate (its file stem; repeated stems numbered a-1, a-2) and make a
+        base path absolute, on a copy of the input: the result is what gets validated."""
+        if not isinstance(data, dict) or not isinstance(data.get("candidates"), list):
+            return data
+        data = copy.copy(data)
+        data["candidates"] = _named_entries(data["candidates"], _root(info))
+        plan = data.get("plan")
+        if isinstance(plan, dict) and isinstance(plan.get("base"), str):
+            names = [e.get("name") for e in data["candidates"] if isinstance(e, dict)]
+            base = plan["base"]
+            path = _root(info) / Path(base).expanduser()
+            if base not in names and path.exists():
+                data["plan"] = {**plan, "base": str(path)}
+        return data
+
     @property
     def source(self) -> Path:
         """The config file this was read from."""
         return self._source
 
     def plan(self) -> MergePlan:
-        return MergePlan(**self.plan_section.model_dump())
+        return self.plan_section
 
     def fit_config(self) -> FitConfig:
-        return FitConfig(**self.fit.model_dump())
+        return self.fit
 
     def build_method(self, name: str, params: Mapping[str, Any]) -> MergeMethod:
         """The registered method ``name``; soft merging starts from the ``fit`` section."""
@@ -202,7 +233,7 @@ class MergeConfig(BaseModel):
         return MergePlan(**{**self.plan_section.model_dump(), **entry.plan})
 
     def candidate_paths(self) -> list[Path]:
-        return [c.path for c in self.candidates]
+        return [c.path for c in self.candidates]  # type: ignore[misc]
 
     def candidate_names(self) -> list[str]:
         return [str(c.name) for c in self.candidates]
@@ -210,7 +241,8 @@ class MergeConfig(BaseModel):
     def input_paths(self) -> list[tuple[str, Path]]:
         """(config key, path) of every file or folder the merge reads."""
         found = [(f"candidates[{i}]", c.path) for i, c in enumerate(self.candidates)]
-        found += [(f"data.{k}", getattr(self.data, k)) for k in ("path", "merge", "eval")]
+        if self.data is not None:
+            found += [(f"data.{k}", getattr(self.data, k)) for k in ("path", "merge", "eval")]
         base = self.plan_section.base
         if base is not None and base not in self.candidate_names():
             found.append(("plan.base", Path(base)))
@@ -218,6 +250,8 @@ class MergeConfig(BaseModel):
 
     def build_model(self) -> nn.Module:
         """Call the factory with ``model.kwargs``; a failure names the factory and the error."""
+        if self.model is None:
+            raise ConfigError(f"{self._source}: model: this run needs a model section")
         factory = self._factory or _import_factory(
             self.model.factory, self._root, _Reporter(self._source)
         )
@@ -239,8 +273,35 @@ class MergeConfig(BaseModel):
         return model
 
 
+def _named_entries(entries: list[Any], root: Path) -> list[Any]:
+    """Candidate entries with a name each: given names kept, unnamed ones get their stem."""
+    out = [{"path": e} if isinstance(e, (str, os.PathLike)) else copy.copy(e) for e in entries]
+    taken: dict[str, int] = {}
+    for i, e in enumerate(out):
+        name = e.get("name") if isinstance(e, dict) else None
+        if isinstance(name, str) and name:
+            taken.setdefault(name, i)
+    unnamed = {
+        i: default_name(root / Path(os.fspath(e["path"])).expanduser(), i)
+        for i, e in enumerate(out)
+        if isinstance(e, dict)
+        and e.get("name") is None
+        and isinstance(e.get("path"), (str, os.PathLike))
+    }
+    stems = list(unnamed.values())
+    for i, stem in unnamed.items():
+        name, k = stem, 0
+        if stems.count(stem) > 1 or stem in taken:
+            while name in taken or k == 0:
+                k += 1
+                name = f"{stem}-{k}"
+        out[i]["name"] = name
+        taken[name] = i
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
-# Reading YAML.
+# Reading YAML, applying overrides.
 
 
 class _YamlLoader(yaml.SafeLoader):
@@ -302,17 +363,58 @@ def _read_yaml(path: Path) -> Any:
         raise ConfigError(f"{path}: invalid YAML: {exc}") from exc
 
 
-def load_config(path: str | os.PathLike[str]) -> MergeConfig:
-    """Read and check a merge config; raise ConfigError naming the file and the key."""
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``fit.steps=100`` -> (["fit", "steps"], 100); the value is read as YAML."""
+    key, sep, value = text.partition("=")
+    parts = key.strip().split(".")
+    if not sep or not all(parts):
+        raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. fit.steps=100")
+    try:
+        parsed = yaml.load(value, Loader=_YamlLoader) if value.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {text!r}: invalid value: {exc}") from exc
+    return parts, parsed
+
+
+def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """A copy of ``data`` with each ``KEY=VALUE`` of ``overrides`` set (sections are created;
+    a key written ``?KEY`` is only set where its section exists)."""
+    out = copy.deepcopy(data)
+    for text in overrides:
+        optional = text.startswith("?")
+        parts, value = parse_override(text.removeprefix("?"))
+        node = out
+        for part in parts[:-1]:
+            child = node.get(part)
+            if child is None and optional:
+                break
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {text!r}: {part} is not a section")
+            node = child
+        else:
+            node[parts[-1]] = value
+    return out
+
+
+def load_config(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> MergeConfig:
+    """Read and check a merge config (``overrides`` applied first); raise ConfigError naming
+    the file and the key."""
     source = Path(path)
     data = _read_yaml(source)
+    if overrides:
+        if not isinstance(data, dict):
+            data = {} if data is None else data
+        if isinstance(data, dict):
+            data = apply_overrides(data, overrides)
     return parse_config(data, source=source, root=source.absolute().parent)
 
 
 def parse_config(data: Any, *, source: str | os.PathLike[str], root: Path) -> MergeConfig:
     """Validate already-parsed config data; relative paths resolve against ``root``."""
     src = Path(source)
-    if data is None:
+    if not data:
         raise ConfigError(f"{src}: the config is empty")
     if not isinstance(data, dict):
         raise ConfigError(
@@ -336,18 +438,6 @@ def _kind(value: Any) -> str:
     return {list: "a list", str: "a string", int: "a number", float: "a number"}.get(
         type(value), f"a {type(value).__name__}"
     )
-
-
-def _key_path(loc: Sequence[str | int]) -> str:
-    out = ""
-    for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out
-
-
-def _got(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _suggest(word: str, choices: Sequence[str]) -> str:
@@ -385,59 +475,11 @@ def _is_model(tp: Any) -> bool:
     return isinstance(tp, type) and issubclass(tp, BaseModel)
 
 
-_BOUNDS = {
-    "greater_than_equal": (">=", "ge"),
-    "greater_than": (">", "gt"),
-    "less_than": ("<", "lt"),
-    "less_than_equal": ("<=", "le"),
-}
-_TYPE_NAMES = {
-    "int": "an integer",
-    "float": "a number",
-    "bool": "true or false",
-    "string": "a string",
-    "list": "a list",
-    "dict": "a mapping",
-    "model": "a mapping",
-}
-
-
-def _describe_one(err: Mapping[str, Any]) -> str:
-    kind, ctx, loc = err["type"], err.get("ctx") or {}, err["loc"]
-    got = _got(err.get("input"))
-    if kind == "extra_forbidden":
-        section = _section_at(loc[:-1])
-        allowed = _allowed_keys(section) if section else []
-        listed = f"; allowed: {', '.join(allowed)}" if allowed else ""
-        return f"unknown key{_suggest(str(loc[-1]), allowed) or listed}"
-    if kind == "missing":
-        return "required key is missing"
-    if kind == "literal_error":
-        choices = re.findall(r"'([^']*)'", str(ctx.get("expected", "")))
-        hint = _suggest(err.get("input"), choices)
-        return f"expected one of {', '.join(choices)}, got {got}{hint}"
-    if kind in _BOUNDS:
-        symbol, key = _BOUNDS[kind]
-        bound = ctx[key]
-        if isinstance(bound, float) and bound.is_integer():
-            bound = int(bound)  # pydantic stores ge=0 of a float field as 0.0
-        return f"must be {symbol} {bound}, got {got}"
-    if kind == "too_short":
-        return f"needs at least {ctx['min_length']} entries, got {ctx['actual_length']}"
-    base = kind.split("_")[0]
-    if base in _TYPE_NAMES and kind.endswith(("_type", "_parsing", "_from_float")):
-        return f"expected {_TYPE_NAMES[base]}, got {got}"
-    if kind in ("path_type", "path_missing"):
-        return str(err["msg"])
-    return f"{str(err['msg'])[:1].lower()}{str(err['msg'])[1:]}, got {got}"
-
-
 def _describe_errors(exc: ValidationError) -> str:
-    errors = exc.errors(include_url=False)
-    first = errors[0]
-    text = f"{_key_path(first['loc'])}: {_describe_one(first)}"
-    more = len(errors) - 1
-    return text + (f" (and {more} more problem{'s' * (more > 1)})" if more else "")
+    first = exc.errors(include_url=False)[0]
+    section = _section_at(first["loc"][:-1]) if first["type"] == "extra_forbidden" else None
+    allowed = _allowed_keys(section) if section else ()
+    return describe_validation(exc, style="config", allowed=allowed)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -453,31 +495,33 @@ class _Reporter:
 
 
 def _check(cfg: MergeConfig, report: _Reporter) -> None:
-    cfg._factory = _import_factory(cfg.model.factory, cfg._root, report)
-    _check_kwargs(cfg._factory, cfg.model.kwargs, "model.kwargs", cfg.model.factory, report)
-    _check_data(cfg.data, cfg.fit.objective, report)
-    _name_candidates(cfg.candidates, report)
+    if cfg.model is not None:
+        cfg._factory = _import_factory(cfg.model.factory, cfg._root, report)
+        _check_kwargs(cfg._factory, cfg.model.kwargs, "model.kwargs", cfg.model.factory, report)
+    if cfg.data is not None:
+        if cfg.model is None:
+            raise report.fail("model", "required when a data section is given (to evaluate)")
+        _check_data(cfg.data, report)
+    _check_unique_names(cfg, report)
     _check_base(cfg, report)
     _check_rest_from(cfg, report)
-    for key, build in (("plan", cfg.plan), ("fit", cfg.fit_config)):
-        try:
-            build()
-        except SoftmergeError as exc:  # the dataclasses' own checks, e.g. delta without a base
-            field, _, rest = str(exc).partition(" ")  # FitConfig's messages start with the field
-            if key == "fit" and field in FitSection.model_fields and rest.startswith("must"):
-                raise report.fail(f"fit.{field}", rest) from None
-            raise report.fail(key, str(exc)) from None
     _check_methods(cfg, report)
+    from .export import parse_size
+
+    try:
+        parse_size(cfg.output.shard_size)
+    except SoftmergeError as exc:
+        raise report.fail("output.shard_size", str(exc).removeprefix("shard_size ")) from None
 
 
 def _check_methods(cfg: MergeConfig, report: _Reporter) -> None:
     """``method``/``params`` and every ``methods`` entry name a method with valid parameters."""
     checks = [("method", MethodEntry(method=cfg.method, params=cfg.params))]
     checks += [(f"methods[{i}]", entry) for i, entry in enumerate(cfg.methods or [])]
-    plan_keys = list(PlanSection.model_fields)
+    plan_keys = list(MergePlan.model_fields)
     for key, entry in checks:
         try:
-            method_class(entry.method)
+            cls = method_class(entry.method)
         except SoftmergeError as exc:
             raise report.fail(key, str(exc)) from None
         params_key = "params" if key == "method" else f"{key}.params"
@@ -487,13 +531,13 @@ def _check_methods(cfg: MergeConfig, report: _Reporter) -> None:
             raise report.fail(params_key, str(exc)) from None
         for name in entry.plan:
             if name not in plan_keys:
-                raise report.fail(
-                    f"{key}.plan", f"unknown key '{name}'{_suggest(name, plan_keys)}"
-                )
+                raise report.fail(f"{key}.plan", f"unknown key '{name}'{_suggest(name, plan_keys)}")
         try:
             cfg.plan_for(entry)
         except (SoftmergeError, TypeError) as exc:
             raise report.fail(f"{key}.plan", str(exc)) from None
+        if cls.needs_data and cfg.data is None and key == "method":
+            raise report.fail("data", f"method {entry.method!r} learns on data: add a data section")
         names = cfg.candidate_names()
         for name in entry.candidates or []:
             if name not in names:
@@ -579,7 +623,7 @@ def _check_kwargs(
         raise report.fail(key, f"{label}: {exc}") from None
 
 
-def _check_data(data: DataSection, objective: str, report: _Reporter) -> None:
+def _check_data(data: DataSection, report: _Reporter) -> None:
     ds = data.dataset
     if ds == "tensors":
         if data.merge is None:
@@ -600,54 +644,46 @@ def _check_data(data: DataSection, objective: str, report: _Reporter) -> None:
     if "path" in data.kwargs:
         raise report.fail("data.kwargs.path", "set data.path instead")
     loader = LOADERS[ds]
-    needs_path = "path" in inspect.signature(loader).parameters
-    if needs_path and data.path is None:
+    params = inspect.signature(loader).parameters
+    takes_path = "path" in params
+    path_required = takes_path and params["path"].default is inspect.Parameter.empty
+    if path_required and data.path is None:
         raise report.fail("data.path", f"dataset {ds!r} needs the folder holding its files")
-    if not needs_path and data.path is not None:
+    if not takes_path and data.path is not None:
         raise report.fail("data.path", f"not used with dataset {ds!r}")
     if data.path is not None and not data.path.is_dir():
         raise report.fail("data.path", f"{data.path} is not a folder")
-    given = {**data.kwargs, **({"path": data.path} if needs_path else {})}
+    given = {**data.kwargs, **({"path": data.path} if takes_path else {})}
     _check_kwargs(loader, given, "data.kwargs", loader.__name__, report)
 
 
-def _name_candidates(entries: list[CandidateEntry], report: _Reporter) -> None:
-    """Give unnamed candidates their file stem; a repeated stem is numbered (a-1, a-2)."""
+def _check_unique_names(cfg: MergeConfig, report: _Reporter) -> None:
     taken: dict[str, int] = {}
-    for i, entry in enumerate(entries):
-        if entry.name is None:
-            continue
-        if entry.name in taken:
+    for i, entry in enumerate(cfg.candidates):
+        name = str(entry.name)
+        if name in taken:
             raise report.fail(
                 f"candidates[{i}].name",
-                f"{entry.name!r} is already the name of candidates[{taken[entry.name]}]",
+                f"{name!r} is already the name of candidates[{taken[name]}]",
             )
-        taken[entry.name] = i
-    unnamed = {i: _default_name(str(e.path), i) for i, e in enumerate(entries) if e.name is None}
-    stems = list(unnamed.values())
-    for i, stem in unnamed.items():
-        name, k = stem, 0
-        if stems.count(stem) > 1 or stem in taken:
-            while name in taken or k == 0:
-                k += 1
-                name = f"{stem}-{k}"
-        entries[i].name = name
         taken[name] = i
 
 
 def _check_base(cfg: MergeConfig, report: _Reporter) -> None:
-    """plan.base names a candidate, or is a checkpoint path (relative to the config)."""
+    """plan.base names a candidate, or is a checkpoint path (made absolute when read)."""
     base = cfg.plan_section.base
-    if base is None or base in cfg.candidate_names():
+    if (
+        base is None
+        or base in cfg.candidate_names()
+        or (Path(base).is_absolute() and Path(base).exists())
+    ):
         return
     path = cfg._root / Path(base).expanduser()
-    if not path.exists():
-        raise report.fail(
-            "plan.base",
-            f"{base!r} is neither a candidate name ({', '.join(cfg.candidate_names())}) "
-            f"nor an existing file ({path}){_suggest(base, cfg.candidate_names())}",
-        )
-    cfg.plan_section.base = str(path)
+    raise report.fail(
+        "plan.base",
+        f"{base!r} is neither a candidate name ({', '.join(cfg.candidate_names())}) "
+        f"nor an existing file ({path}){_suggest(base, cfg.candidate_names())}",
+    )
 
 
 def _check_rest_from(cfg: MergeConfig, report: _Reporter) -> None:
@@ -661,3 +697,6 @@ def _check_rest_from(cfg: MergeConfig, report: _Reporter) -> None:
             f"expected 'best', 'average' or a candidate name ({', '.join(allowed[2:])}), "
             f"got {choice!r}{_suggest(choice, allowed)}",
         )
+
+
+__all__ = ["MergeConfig", "apply_overrides", "got", "load_config", "parse_config"]

@@ -18,15 +18,16 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Subset
 
+from .compare import Comparison, rewind
+from .context import MergeContext
 from .data import mnist1d_splits
 from .io import write_json, write_safetensors, write_text
-from .methods.soups import evaluate_ensemble, greedy_soup, uniform_soup
+from .methods import get_method
 from .plan import MergePlan
 from .report import format_markdown_table, format_table
-from .soft import FitConfig, SoftMerger
-from .zoo import CNN1D, evaluate, train
+from .zoo import CNN1D, train
 
 State = Mapping[str, torch.Tensor]
 CLEAN = 5
@@ -80,29 +81,25 @@ def _model_with(state: State) -> CNN1D:
     return model.eval()
 
 
-def _accuracy(state: State, dataset) -> tuple[float, float]:
-    return evaluate(_model_with(state), dataset)
+def _score(ctx: MergeContext, model, loader) -> tuple[float, float]:
+    metrics = ctx.evaluate(model, loader)
+    return metrics["accuracy"], metrics["loss"]
 
 
-def soft_merge(
-    candidates: dict[str, State],
-    granularity: str,
-    merge_set: Dataset,
-    seed: int,
-    progress: bool,
-) -> SoftMerger:
-    """One soft merge with its own seeded loader: each result reproduces on its own."""
+def _context(paths: dict[str, Path], splits, seed: int, progress: bool) -> MergeContext:
+    """The candidates in ``paths`` with the demo's seeded merge loader (greedy soup scores on
+    the whole merge split: no held-out part)."""
     loader = DataLoader(
-        merge_set, batch_size=128, shuffle=True, generator=torch.Generator().manual_seed(seed)
+        splits.merge, batch_size=128, shuffle=True, generator=torch.Generator().manual_seed(seed)
     )
-    merger = SoftMerger(
+    return MergeContext(
         CNN1D(channels=CHANNELS),
-        list(candidates.values()),
-        MergePlan(granularity=granularity),
-        names=list(candidates),
+        list(paths.values()),
+        names=list(paths),
+        merge_loader=loader,
+        seed=seed,
+        progress=progress,
     )
-    merger.fit(loader, config=FitConfig(seed=seed, progress=progress))
-    return merger
 
 
 def run_demo(
@@ -128,30 +125,32 @@ def run_demo(
     for name, state in everyone.items():
         write_safetensors(out / "candidates" / f"{name}.safetensors", state)
 
-    rows: dict[str, tuple[float, float]] = {
-        n: _accuracy(s, splits.test) for n, s in everyone.items()
-    }
-    rows["best_single"] = max((rows[n] for n in clean), key=lambda r: r[0])
-    for suffix, pool in (("", clean), ("_all", everyone)):
-        states = list(pool.values())
-        rows[f"uniform_soup{suffix}"] = _accuracy(uniform_soup(states), splits.test)
-        soup, _ = greedy_soup(states, lambda s: _accuracy(s, splits.merge)[0])
-        rows[f"greedy_soup{suffix}"] = _accuracy(soup, splits.test)
-        finite = [_model_with(s) for s in states]
-        rows[f"ensemble{suffix}"] = evaluate_ensemble(finite, splits.test)
-
+    paths = {n: out / "candidates" / f"{n}.safetensors" for n in everyone}
+    test = DataLoader(splits.test, batch_size=1024)
+    rows: dict[str, tuple[float, float]] = {}
     gates: dict[str, Any] = {}
     malicious_max = 0.0
     export_check: dict[str, bool] = {}
-    for granularity in ("model", "tensor"):
-        for suffix, pool in (("", clean), ("_all", everyone)):
+    for suffix, names in (("", list(clean)), ("_all", list(everyone))):
+        ctx = _context({n: paths[n] for n in names}, splits, seed, progress)
+        if suffix:  # every candidate alone, once
+            for cand in ctx.pool:
+                rows[cand.name] = _score(ctx, ctx.build_plain(cand.state), test)
+            rows["best_single"] = max((rows[n] for n in clean), key=lambda r: r[0])
+        comparison = Comparison(ctx)
+        for method in ("uniform_soup", "greedy_soup", "ensemble"):
+            rewind(ctx.merge_loader)
+            rows[f"{method}{suffix}"] = _score(ctx, get_method(method).merge(ctx).model, test)
+        for granularity in ("model", "tensor"):
             name = f"soft_{granularity}{suffix}"
-            merger = soft_merge(pool, granularity, splits.merge, seed, progress)
+            sub = comparison.context(MergePlan(granularity=granularity))
+            rewind(sub.merge_loader)
+            merger = get_method("soft").merge(sub).info["merger"]
             merger.export(out / name)
-            rows[name] = _accuracy(merger.merged_state_dict(), splits.test)
+            rows[name] = _score(sub, merger.merged_model(), test)
             # The file users get must give the reported number: reload it into a fresh module.
-            reloaded = _accuracy(load_file(str(out / name / "merged.safetensors")), splits.test)
-            export_check[name] = reloaded == rows[name]
+            reloaded = _model_with(load_file(str(out / name / "merged.safetensors")))
+            export_check[name] = _score(sub, reloaded, test) == rows[name]
             effective = merger.deterministic_gates()
             gates[name] = {c: float(effective[i].mean()) for i, c in enumerate(merger.names)}
             for i, c in enumerate(merger.names):

@@ -11,7 +11,9 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import tempfile
+import uuid
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -20,7 +22,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 
-from .errors import OutputError
+from .errors import ConfigError, OutputError
 
 
 def _read_umask() -> int:
@@ -109,3 +111,51 @@ def write_safetensors(
     """Save tensors as safetensors; tensors are made contiguous and un-shared first."""
     clean = {k: v.detach().contiguous().clone() for k, v in tensors.items()}
     return atomic_write(path, lambda tmp: save_file(clean, str(tmp), metadata=dict(metadata or {})))
+
+
+# ---------------------------------------------------------------------------------------------
+# Output folders: refuse to overwrite inputs; publish all files at once.
+
+
+def check_output_dir(out: Path, inputs: list[tuple[str, Path]], label: str) -> None:
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{label}: {out} exists and is not a folder")
+    target = out.resolve()
+    for key, path in inputs:
+        src = path.resolve()
+        if src == target or target in src.parents:
+            how = "is" if src == target else "contains"
+            raise ConfigError(
+                f"{label}: the output folder {out} {how} the input {key} ({path}); "
+                "writing there could overwrite it: choose another folder"
+            )
+
+
+@contextlib.contextmanager
+def staged_output(out: Path) -> Iterator[Path]:
+    """Yield a hidden sibling folder; on success move its content into ``out``.
+
+    A failed write (disk full, permissions) is one :class:`OutputError` naming the file the
+    user will look for in ``out``, not the staging copy; ``out`` is left as it was."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        stage = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
+        stage.mkdir()
+    except OSError as exc:
+        raise OutputError(f"{out}: cannot write the outputs: {os_reason(exc)}") from exc
+    try:
+        yield stage
+        if not out.exists():
+            os.replace(stage, out)  # one atomic rename
+            return
+        for item in sorted(stage.iterdir()):  # keep unrelated files the folder already has
+            dest = out / item.name
+            if item.is_dir() and dest.is_dir():
+                shutil.rmtree(dest)
+            os.replace(item, dest)
+    except OutputError as exc:
+        raise OutputError(str(exc).replace(str(stage), str(out))) from exc
+    except OSError as exc:  # moving the staged files into place
+        raise OutputError(f"{out}: cannot write the outputs: {os_reason(exc)}") from exc
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)

@@ -5,8 +5,10 @@ A *gate unit* is one gate per candidate. Granularity decides the units:
 - ``model``: one unit for every merged parameter;
 - ``module``: one unit per module (parameters that share a name prefix, e.g. ``fc1``);
 - ``tensor``: one unit per parameter tensor;
-- ``channel``: one unit per output row (index along dim 0); the weight and bias of one module
-  share their row gates, so output neuron ``i`` is merged as one piece.
+- ``channel``: one unit per output channel; the weight and bias of one module share their
+  channel gates, so output neuron ``i`` is merged as one piece. The output channel is dim 0,
+  except where the layout says otherwise (``channel_axes``: GPT-2's ``Conv1D`` stores its weight
+  as (in, out), so its output channel is dim 1).
 
 Parameters outside the plan are not gated: they come unchanged from ``rest_from`` (a named
 candidate, ``average`` or ``best``), which is what makes merging *specific parts* of a network
@@ -18,10 +20,13 @@ from __future__ import annotations
 import fnmatch
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Literal
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import Field, field_validator, model_validator
 
 from .errors import PlanError
+from .schema import Settings
 
 Granularity = Literal["model", "module", "tensor", "channel"]
 Combine = Literal["convex", "delta"]
@@ -29,12 +34,11 @@ GRANULARITIES: tuple[str, ...] = ("model", "module", "tensor", "channel")
 COMBINES: tuple[str, ...] = ("convex", "delta")
 
 
-@dataclass
-class MergePlan:
-    """What to merge and how (the user's request; resolved against a model by `layout`)."""
+class MergePlan(Settings):
+    """What to merge and how (the user's request; resolved against a model by `build_layout`)."""
 
-    include: list[str] = field(default_factory=lambda: ["*"])
-    exclude: list[str] = field(default_factory=list)
+    include: list[str] = Field(default_factory=lambda: ["*"])  # glob patterns of names
+    exclude: list[str] = Field(default_factory=list)
     granularity: Granularity = "tensor"
     combine: Combine = "convex"
     base: str | None = None  # delta: name of the candidate (or path) that is theta_0
@@ -44,29 +48,36 @@ class MergePlan:
     # lambda (about 0.3) keeps a sample with several gates at exactly 1 from overshooting.
     delta_scale: float = 1.0
 
-    def __post_init__(self) -> None:
-        if self.granularity not in GRANULARITIES:
-            raise PlanError(f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
-        if self.combine not in COMBINES:
-            raise PlanError(f"combine must be one of {COMBINES}, got {self.combine!r}")
+    @field_validator("delta_scale", mode="before")
+    @classmethod
+    def _positive_scale(cls, value: Any) -> Any:
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not (number and 0 < value < math.inf):
+            raise ValueError(f"must be a positive number, got {value!r}")
+        return float(value)
+
+    @model_validator(mode="after")
+    def _delta_needs_a_base(self) -> MergePlan:
         if self.combine == "delta" and not self.base:
-            raise PlanError("combine 'delta' needs a base model: set plan.base")
-        scale = self.delta_scale
-        number = isinstance(scale, (int, float)) and not isinstance(scale, bool)
-        if not (number and 0 < scale < math.inf):
-            raise PlanError(f"delta_scale must be a positive number, got {scale!r}")
-        if isinstance(self.include, str) or isinstance(self.exclude, str):
-            raise PlanError("include and exclude are lists of glob patterns, not strings")
+            raise ValueError("combine 'delta' needs a base model: set plan.base")
+        return self
 
 
 @dataclass(frozen=True)
 class Slot:
-    """One merged tensor and the gate units it reads: ``units[start : start + count]``."""
+    """One merged tensor and the gate units it reads: ``units[start : start + count]``.
+
+    ``axis`` is the tensor dimension that unit k gates (channel granularity), or None when one
+    unit gates the whole tensor."""
 
     name: str
     start: int
     count: int
-    per_channel: bool  # True: unit k gates row k of the tensor (dim 0)
+    axis: int | None = None
+
+    @property
+    def per_channel(self) -> bool:
+        return self.axis is not None
 
 
 @dataclass(frozen=True)
@@ -104,10 +115,18 @@ def module_of(name: str) -> str:
     return name.rsplit(".", 1)[0] if "." in name else "(root)"
 
 
-def build_layout(plan: MergePlan, shapes: Mapping[str, Sequence[int]]) -> GateLayout:
-    """Resolve ``plan`` against the model's parameter shapes (in the model's order)."""
+def build_layout(
+    plan: MergePlan,
+    shapes: Mapping[str, Sequence[int]],
+    channel_axes: Mapping[str, int] | None = None,
+) -> GateLayout:
+    """Resolve ``plan`` against the mergeable tensors' shapes (in the model's order).
+
+    ``channel_axes`` gives, per module, the weight dimension that holds output channels when it
+    is not 0 (see :func:`softmerge.modelinfo.channel_axes`)."""
     names = list(shapes)
     merged = select_parameters(plan, names)
+    axes = dict(channel_axes or {})
     units: list[str] = []
     slots: list[Slot] = []
     blocks: dict[object, tuple[int, int]] = {}  # key -> (start, count) of units already made
@@ -120,16 +139,20 @@ def build_layout(plan: MergePlan, shapes: Mapping[str, Sequence[int]]) -> GateLa
 
     for name in merged:
         shape = tuple(shapes[name])
-        per_channel = plan.granularity == "channel" and len(shape) >= 1
+        axis: int | None = None
         if plan.granularity == "model":
             start, count = block("model", ["model"])
         elif plan.granularity == "module":
             start, count = block(("module", module_of(name)), [module_of(name)])
-        elif per_channel:
-            mod, rows = module_of(name), shape[0]
+        elif plan.granularity == "channel" and len(shape) >= 1:
+            mod = module_of(name)
+            # A bias is 1-D: its channels are dim 0 whatever the layout of its weight.
+            axis = axes.get(mod, 0) if len(shape) > 1 else 0
+            rows = shape[axis]
             start, count = block(("channel", mod, rows), [f"{mod}[{i}]" for i in range(rows)])
         else:
             start, count = block(("tensor", name), [name])
-        slots.append(Slot(name, start, count, per_channel))
-    rest = tuple(n for n in names if n not in set(merged))
+        slots.append(Slot(name, start, count, axis))
+    chosen = set(merged)
+    rest = tuple(n for n in names if n not in chosen)
     return GateLayout(tuple(units), tuple(slots), rest)

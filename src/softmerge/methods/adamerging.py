@@ -31,7 +31,10 @@ class AdaMergingParams(MethodParams):
     lr: float = Field(1e-3, gt=0)  # Adam, as in FusionBench
     init: float | None = Field(None, ge=0, le=1)  # None: 1/N (the uniform soup)
     clamp: bool = True  # keep every coefficient in [0, 1]
-    objective: Literal["entropy", "cross_entropy"] = "entropy"
+    # entropy: AdaMerging's label-free objective; auto: the merge's own (supervised) objective
+    objective: Literal["entropy", "auto", "cross_entropy", "classification", "causal_lm"] = (
+        "entropy"
+    )
     select_every: int = Field(25, ge=0)  # score on held-out data every K steps (0: keep last)
 
 
@@ -46,7 +49,8 @@ class _AdaMerging(MergeMethod):
         engine = CoefficientMerge(ctx, use_base=with_base)
         n, t = engine.shape
         start = p.init if p.init is not None else 1.0 / n
-        raw = nn.Parameter(torch.full((n, t) if self.layer_wise else (n, 1), start))
+        size = (n, t) if self.layer_wise else (n, 1)
+        raw = nn.Parameter(torch.full(size, start, device=ctx.device))
 
         def coefficients(r: torch.Tensor) -> torch.Tensor:
             c = r.clamp(0.0, 1.0) if p.clamp else r
@@ -66,12 +70,10 @@ class _AdaMerging(MergeMethod):
         state = engine.outcome_state(final)
         info = {
             **record,
-            "mean_coefficient": dict(
-                zip(ctx.candidate_names, final.mean(1).tolist(), strict=True)
-            ),
+            "mean_coefficient": dict(zip(ctx.candidate_names, final.mean(1).tolist(), strict=True)),
             "task_vectors": with_base,
         }
-        return MergeOutcome(ctx.build(state), state, info)
+        return MergeOutcome(state, lambda: ctx.build(state), info)
 
 
 @register

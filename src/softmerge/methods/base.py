@@ -1,4 +1,4 @@
-"""What every merge method shares: the context it merges in, its result, and the registry.
+"""What every merge method shares: its result, the registry, and per-tensor (static) methods.
 
 A method is a small class with a pydantic ``Params`` model and a ``run(ctx)``::
 
@@ -14,191 +14,107 @@ and users reach it by name, from the API or from ``method:`` in a YAML config::
     outcome = get_method("ties", density=0.5).merge(ctx)
     outcome.model          # an nn.Module holding the merge, ready to evaluate
 
-Every method sees the same :class:`MergeContext`: the loaded candidates, the plan (which
-tensors merge; where the rest come from), the base for task vectors, the merge data, the seed.
+Every method sees the same :class:`~softmerge.context.MergeContext`: the loaded candidates, the
+plan (which tensors merge; where the rest come from), the base for task vectors, the merge data,
+the objective, the seed.
 """
 
 from __future__ import annotations
 
-import copy
 import difflib
-import itertools
-import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 from torch import nn
-from torch.func import functional_call
 
-from ..candidates import Candidate, check_fits_model, load_candidates, split_base
-from ..errors import CandidateError, ConfigError, DataError, PlanError
-from ..plan import MergePlan, build_layout
+from ..context import MergeContext
+from ..errors import ConfigError, PlanError
 from ..profiling import measure
-from ..soft import has_batchnorm, logits_of, recalibrate_batchnorm, split_batch, task_loss
 
 State = dict[str, torch.Tensor]
+__all__ = [
+    "REGISTRY",
+    "MergeContext",
+    "MergeMethod",
+    "MergeOutcome",
+    "MergedState",
+    "MethodParams",
+    "TensorwiseMethod",
+    "get_method",
+    "method_class",
+    "register",
+]
 
 
-# ---------------------------------------------------------------------------------------------
-# Context and outcome
+class MergedState(Mapping[str, torch.Tensor]):
+    """A merged state dict computed tensor by tensor, in key order, by ``compute_pass()``.
 
+    ``stream()`` yields the tensors one at a time without keeping them (a merge written straight
+    to disk never holds the whole model); any lookup computes and keeps them all. Every pass
+    starts afresh (DARE's generator included), so both ways give the same tensors."""
 
-@dataclass
-class MergeContext:
-    """The candidates, plan, base and data that every method merges with.
+    def __init__(
+        self, keys: Sequence[str], compute_pass: Callable[[], Iterator[tuple[str, torch.Tensor]]]
+    ) -> None:
+        self._keys = list(keys)
+        self._compute_pass = compute_pass
+        self._state: State | None = None
 
-    ``candidates`` are paths, state dicts, modules or :class:`Candidate` objects (loaded and
-    validated once, here). ``base`` (or ``plan.base``) is theta_0 of task-vector methods: a
-    candidate's name (it then leaves the merged pool) or anything a candidate can be.
-    ``merge_loader`` is the small merge set that learning methods train on (labelled for
-    cross-entropy, or unlabeled for entropy objectives); ``held_out_loader`` is the split
-    greedy soup scores on (default: the merge set, which the candidates never trained on).
-    """
+    def stream(self) -> Iterator[tuple[str, torch.Tensor]]:
+        if self._state is not None:
+            yield from self._state.items()
+        else:
+            yield from self._compute_pass()
 
-    model: nn.Module
-    candidates: Sequence[Any]
-    names: Sequence[str] | None = None
-    plan: MergePlan = field(default_factory=MergePlan)
-    base: Any = None
-    merge_loader: Iterable[Any] | None = None
-    held_out_loader: Iterable[Any] | None = None
-    seed: int = 0
-    progress: bool = False
+    def materialize(self) -> State:
+        if self._state is None:
+            self._state = dict(self._compute_pass())
+        return self._state
 
-    def __post_init__(self) -> None:
-        pool = load_candidates(self.candidates, self.names, min_count=1)
-        wanted = self.base if self.base is not None else self.plan.base
-        self.base_candidate, pool = (None, pool) if wanted is None else split_base(pool, wanted)
-        need = 1 if self.base_candidate is not None else 2  # base + 1: slerp, task arithmetic
-        if len(pool) < need:
-            with_base = " besides the base" if need == 1 else ""
-            raise CandidateError(f"need at least {need} candidates{with_base}, got {len(pool)}")
-        check_fits_model(pool[0], self.model)
-        self.pool: list[Candidate] = pool
-        shapes = {n: p.shape for n, p in self.model.named_parameters()}
-        self.merged_names: list[str] = build_layout(self.plan, shapes).merged_names
-        self._solo_losses: dict[str, float] | None = None
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self.materialize()[key]
 
-    # -- views of the pool ----------------------------------------------------------------------
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys)
 
-    @property
-    def states(self) -> list[State]:
-        return [c.state for c in self.pool]
-
-    @property
-    def candidate_names(self) -> list[str]:
-        return [c.name for c in self.pool]
-
-    def require_base(self, method: str) -> Candidate:
-        if self.base_candidate is None:
-            raise PlanError(
-                f"method {method!r} merges task vectors (theta_j - theta_0) and needs a base: "
-                "pass base=... or set plan.base to a candidate name or a checkpoint path"
-            )
-        return self.base_candidate
-
-    def require_data(self, method: str) -> Iterable[Any]:
-        if self.merge_loader is None:
-            raise DataError(f"method {method!r} learns on data: pass merge_loader=...")
-        return self.merge_loader
-
-    # -- building the merged model ----------------------------------------------------------------
-
-    def solo_losses(self) -> dict[str, float]:
-        """Each candidate's loss on the first merge batches (ranks candidates for rest_from)."""
-        if self._solo_losses is None:
-            loader = self.require_data("rest_from: best")
-            batches = list(itertools.islice(loader, 4))
-            if not batches:
-                raise DataError("the merge data loader yields no batch (empty data set)")
-            self._solo_losses = {
-                c.name: mean_loss(self.model, c.state, batches) if c.is_finite else math.inf
-                for c in self.pool
-            }
-        return self._solo_losses
-
-    def rest_state(self) -> State:
-        """Values of everything outside the plan: from plan.rest_from, in the model's order."""
-        choice = self.plan.rest_from
-        finite = [c for c in self.pool if c.is_finite] or self.pool
-        if choice == "best":
-            if self.merge_loader is None:
-                source = finite[0].state  # nothing to rank on: the first finite candidate
-            else:
-                losses = self.solo_losses()
-                source = min(finite, key=lambda c: losses[c.name]).state
-            return dict(source)
-        if choice == "average":
-            from .soups import uniform_soup  # soups imports nothing from here; no cycle
-
-            return uniform_soup([c.state for c in finite])
-        pool = {c.name: c for c in self.pool}
-        if self.base_candidate is not None:
-            pool.setdefault(self.base_candidate.name, self.base_candidate)
-            pool.setdefault("base", self.base_candidate)
-        if choice not in pool:
-            raise PlanError(
-                f"plan.rest_from {choice!r} is not 'best', 'average' or a candidate name "
-                f"({', '.join(pool)})"
-            )
-        return dict(pool[choice].state)
-
-    def assemble(self, merged: Mapping[str, torch.Tensor]) -> State:
-        """A full state dict: the merged tensors over the rest, each in the candidates' dtype."""
-        state = {**self.rest_state(), **merged}
-        ref = self.pool[0].state
-        return {
-            k: state[k].detach().to(ref[k].dtype).contiguous() for k in self.model.state_dict()
-        }
-
-    def build_plain(self, state: Mapping[str, torch.Tensor]) -> nn.Module:
-        """A fresh model holding ``state`` as it is (a candidate, with its own statistics)."""
-        model = copy.deepcopy(self.model)
-        model.load_state_dict(dict(state), strict=True)
-        return model.eval()
-
-    def build(self, state: Mapping[str, torch.Tensor]) -> nn.Module:
-        """A fresh model holding ``state``; BatchNorm statistics re-estimated on the merge set,
-        because averaged running statistics do not describe averaged weights."""
-        model = self.build_plain(state)
-        if self.merge_loader is not None and has_batchnorm(model):
-            recalibrate_batchnorm(model, self.merge_loader)
-        return model.eval()
+    def __len__(self) -> int:
+        return len(self._keys)
 
 
 @dataclass
 class MergeOutcome:
-    """What a method returns. ``state`` is None only for output ensembles (N models)."""
+    """What a method returns: the merged state (None only for output ensembles, which keep N
+    models), a model holding it (built on first use), and what the method wants to report."""
 
-    model: nn.Module
-    state: State | None
+    state: Mapping[str, torch.Tensor] | None
+    build: Callable[[], nn.Module] | None = None
     info: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
     peak_mb: float = 0.0
+    _model: nn.Module | None = None
 
+    @property
+    def model(self) -> nn.Module:
+        if self._model is None:
+            if self.build is None:
+                raise PlanError("this merge has no model to build (no model was given)")
+            self._model = self.build()
+        return self._model
 
-# ---------------------------------------------------------------------------------------------
-# Small helpers shared by the learning methods
+    @classmethod
+    def of_model(cls, model: nn.Module, state: Mapping[str, torch.Tensor] | None, **kw: Any):
+        return cls(state, None, _model=model, **kw)
 
-
-@torch.no_grad()
-def mean_loss(
-    model: nn.Module, state: Mapping[str, torch.Tensor], batches: Sequence[Any]
-) -> float:
-    """Loss of ``model`` with ``state`` on ``batches``: cross-entropy when labelled, else the
-    prediction entropy."""
-    was = model.training
-    model.eval()
-    total = 0.0
-    for batch in batches:
-        args, kwargs, labels = split_batch(batch)
-        logits = logits_of(functional_call(model, dict(state), args, kwargs))
-        total += float(task_loss("entropy" if labels is None else "cross_entropy", logits, labels))
-    model.train(was)
-    return total / max(1, len(batches))
+    def items(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """The merged tensors in order, streamed when the merge can stream them."""
+        if self.state is None:
+            raise PlanError("an output ensemble keeps N models: it has no merged state dict")
+        if isinstance(self.state, MergedState):
+            return self.state.stream()
+        return iter(self.state.items())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -264,8 +180,9 @@ def get_method(name: str, **params: Any) -> MergeMethod:
     cls = method_class(name)
     try:
         return cls(cls.Params(**params))
-    except ValidationError as exc:
-        raise ConfigError(f"method {name!r}: {describe_param_error(exc, cls.Params)}") from exc
+    except (ValidationError, PlanError) as exc:
+        text = describe_param_error(exc, cls.Params) if isinstance(exc, ValidationError) else exc
+        raise ConfigError(f"method {name!r}: {text}") from exc
 
 
 def describe_param_error(exc: ValidationError, params: type[BaseModel]) -> str:
@@ -289,29 +206,56 @@ Weights = float | list[float] | None
 
 
 class TensorwiseMethod(MergeMethod):
-    """Applies ``tensorwise.METHODS[function]`` to each tensor the plan merges."""
+    """Applies ``tensorwise.METHODS[function]`` to each tensor the plan merges, one tensor at a
+    time: read that tensor of every candidate (and the base), merge, hand it on. Nothing but the
+    tensors of one name is ever in memory at once, unless the caller keeps the result."""
 
     function: ClassVar[str]
 
     def tensor_kwargs(self, ctx: MergeContext) -> dict[str, Any]:
+        """Keyword arguments of the tensor function for one pass over the tensors."""
         return self.params.model_dump(by_alias=True, exclude_none=True)
 
-    def base_state(self, ctx: MergeContext) -> State | None:
-        return ctx.require_base(self.name).state if self.needs_base else None
+    def base_of(self, ctx: MergeContext) -> Any:
+        return ctx.require_base(self.name) if self.needs_base else None
+
+    def check(self, ctx: MergeContext) -> None:
+        """Refuse a context the method cannot merge, before any tensor is read."""
+        count = len(ctx.pool)
+        for key in ("weight", "density"):
+            value = getattr(self.params, key, None)
+            if isinstance(value, list) and len(value) != count:
+                raise PlanError(
+                    f"method {self.name!r}: {key} needs one value per candidate: "
+                    f"{count}, got {len(value)}"
+                )
 
     def run(self, ctx: MergeContext) -> MergeOutcome:
         from .tensorwise import METHODS  # the pure functions checked against mergekit
 
+        self.check(ctx)
         fn = METHODS[self.function]
-        base = self.base_state(ctx)
-        kwargs = self.tensor_kwargs(ctx)
-        merged = {}
-        for key in ctx.merged_names:
-            try:
-                merged[key] = fn(
-                    [s[key] for s in ctx.states], None if base is None else base[key], **kwargs
-                )
-            except (ValueError, TypeError) as exc:  # e.g. 3 weights for 5 candidates
-                raise PlanError(f"method {self.name!r} on tensor '{key}': {exc}") from exc
-        state = ctx.assemble(merged)
-        return MergeOutcome(ctx.build(state), state, {"merged_tensors": len(merged)})
+        base = self.base_of(ctx)
+        merged = set(ctx.merged_names)
+        keys = list(ctx.pool[0].infos)
+
+        def one_pass() -> Iterator[tuple[str, torch.Tensor]]:
+            kwargs = self.tensor_kwargs(ctx)  # afresh: DARE's generator restarts every pass
+            rest = ctx.rest_state()
+            for key in keys:
+                if key not in merged:
+                    yield key, rest[key].detach().to("cpu", ctx.pool[0].infos[key].dtype)
+                    continue
+                tensors = [c.tensor(key).to(ctx.device) for c in ctx.pool]
+                theta0 = None if base is None else base.tensor(key).to(ctx.device)
+                try:
+                    value = fn(tensors, theta0, **kwargs)
+                except (ValueError, TypeError) as exc:  # e.g. 3 weights for 5 candidates
+                    raise PlanError(f"method {self.name!r} on tensor '{key}': {exc}") from exc
+                yield key, value.detach().to("cpu", ctx.pool[0].infos[key].dtype)
+            for c in [*ctx.pool, *([base] if base is not None else [])]:
+                c.close()
+
+        state = MergedState(keys, one_pass)
+        build = (lambda: ctx.build(state)) if ctx.template is not None else None
+        return MergeOutcome(state, build, {"merged_tensors": len(merged)})

@@ -1,29 +1,25 @@
 """Learned merge coefficients over frozen candidates: the engine of learned soup and AdaMerging.
 
 Like soft merging, only a few numbers per candidate learn while every candidate's weights stay
-frozen: the merged tensors are built from a stack made once, and the model runs on them through
-``torch.func.functional_call``. What differs between the methods is how the learned parameters
+frozen: the merged tensors come from the context's candidate stack (the same one soft merging
+uses) and the model runs on them through ``torch.func.functional_call``, trained by the same
+:class:`~softmerge.fit.FitLoop`. What differs between the methods is how the learned parameters
 become coefficients (softmax per tensor, clamped task-vector scales) and the objective.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 from torch.func import functional_call
-from tqdm.auto import tqdm
 
-from ..soft import (  # the batch helpers of gate training, so both read batches alike
-    cycle_batches,
-    logits_of,
-    set_gate_training_mode,
-    split_batch,
-    task_loss,
-)
-from ..zoo import evaluate
+from ..batches import cycle_batches, logits_of, split_on
+from ..evaluation import set_gate_training_mode
+from ..fit import FitLoop, Progress, Recorder, SelectBest
+from ..objectives import resolve_objective
 from .base import MergeContext, State
 
 CoefficientFn = Callable[[torch.Tensor], torch.Tensor]
@@ -32,19 +28,16 @@ CoefficientFn = Callable[[torch.Tensor], torch.Tensor]
 class CoefficientMerge:
     """theta_k = offset_k + sum_j c[j, k] * stack_k[j] for every merged tensor k.
 
-    With a base, ``stack`` holds task vectors (theta_j - theta_0) and ``offset`` is theta_0;
-    without one, ``stack`` holds the weights themselves and ``offset`` is zero."""
+    With a base, the stack holds task vectors (theta_j - theta_0) and the offset is theta_0;
+    without one, it holds the weights themselves."""
 
     def __init__(self, ctx: MergeContext, use_base: bool) -> None:
         self.ctx = ctx
+        self.model = ctx.require_model("learning merge coefficients")
         self.names = list(ctx.merged_names)
-        base = ctx.base_candidate.state if use_base and ctx.base_candidate else None
-        self.offset = {k: base[k].float() for k in self.names} if base is not None else {}
-        self.stack = {
-            k: torch.stack([s[k].float() for s in ctx.states]) - self.offset.get(k, 0.0)
-            for k in self.names
-        }
-        self.rest = ctx.rest_state()
+        self.stack = ctx.stack(deltas=use_base)
+        self.dtypes = ctx.model_dtypes()
+        self.buffers = {k for k, _ in self.model.named_buffers()}
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -52,16 +45,8 @@ class CoefficientMerge:
 
     def merged(self, coefficients: torch.Tensor) -> State:
         """Merged tensors for coefficients of shape (N, T) (one column per merged tensor)."""
-        out = {}
-        for t, k in enumerate(self.names):
-            theta = torch.tensordot(coefficients[:, t], self.stack[k], dims=1)
-            out[k] = theta + self.offset[k] if k in self.offset else theta
-        return out
-
-    def forward(self, coefficients: torch.Tensor, batch: Any):
-        args, kwargs, labels = split_batch(batch)
-        state = {**self.rest, **self.merged(coefficients)}
-        return logits_of(functional_call(self.ctx.model, state, args, kwargs)), labels
+        weights = {k: coefficients[:, t] for t, k in enumerate(self.names)}
+        return self.stack.mix(weights, dtypes=self.dtypes)
 
     def train(
         self,
@@ -78,51 +63,76 @@ class CoefficientMerge:
 
         Returns the chosen coefficients and a record of the run. With a held-out loader in the
         context, the coefficients every ``select_every`` steps (the start included) are scored
-        by held-out cross-entropy and the best is kept, ties going to the earlier one: early
-        stopping, so the result is never worse than the start on held-out loss. (Loss, not
-        accuracy: on a few hundred samples accuracy moves in steps of whole samples and picks
-        noise.) Without a held-out loader: the last iterate."""
+        by held-out loss and the best is kept, ties going to the earlier one: early stopping,
+        so the result is never worse than the start on held-out loss. (Loss, not accuracy: on
+        a few hundred samples accuracy moves in steps of whole samples and picks noise.)
+        Without a held-out loader: the last iterate."""
         loader = self.ctx.require_data(desc)
         held_out = self.ctx.held_out_loader if select_every else None
-        optimizer = torch.optim.Adam([raw], lr=lr)
-        history: list[dict[str, float]] = []
-        best: tuple[float, int, torch.Tensor] | None = None
-        batches = cycle_batches(loader)
-        bar = tqdm(range(steps + 1), desc=desc, disable=not self.ctx.progress, leave=False)
-        for step in bar:
-            if held_out is not None and (step % select_every == 0 or step == steps):
-                acc, nll = self.held_out_scores(to_coefficients(raw.detach()), held_out)
-                score = -nll
-                history.append({"step": step, "held_out_accuracy": acc, "held_out_loss": nll})
-                if best is None or score > best[0]:
-                    best = (score, step, raw.detach().clone())
-            if step == steps:
-                break
-            set_gate_training_mode(self.ctx.model)
-            logits, labels = self.forward(to_coefficients(raw), next(batches))
-            loss = task_loss(objective, logits, labels)
-            if not torch.isfinite(loss):
-                continue  # an extreme candidate can overflow one batch; do not poison Adam
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            if (step + 1) % 10 == 0:
-                history.append({"step": step + 1, "loss": loss.item()})
-        self.ctx.model.eval()
-        chosen = raw.detach() if best is None else best[2]
-        record = {"history": history, "selected_step": steps if best is None else best[1]}
-        if best is not None:
-            record["held_out_loss"] = -best[0]
-        return to_coefficients(chosen), record
+        problem = _CoefficientProblem(self, raw, to_coefficients, objective)
+        recorder = Recorder(10)
+        callbacks: list[Any] = [recorder, Progress(desc, self.ctx.progress)]
+        select = None
+        if held_out is not None:
 
-    @torch.no_grad()
-    def held_out_scores(
-        self, coefficients: torch.Tensor, loader: Iterable[Any]
-    ) -> tuple[float, float]:
-        """(accuracy %, mean cross-entropy) of the merge on held-out data."""
-        return evaluate(self.ctx.build(self.outcome_state(coefficients)), loader)
+            def score(value: torch.Tensor) -> dict[str, float]:
+                model = self.ctx.build(self.outcome_state(to_coefficients(value)))
+                return self.ctx.evaluate(model, held_out)
+
+            select = SelectBest(select_every, raw, score)
+            callbacks.append(select)
+        loop = FitLoop(problem, torch.optim.Adam([raw], lr=lr), steps, callbacks=callbacks)
+        loop.run(cycle_batches(loader))
+        self.model.eval()
+        history = sorted(
+            [*recorder.history, *(select.history if select else [])], key=lambda r: r["step"]
+        )
+        if select is None or select.best is None:
+            return to_coefficients(raw.detach()), {"history": history, "selected_step": steps}
+        best = select.best
+        record = {"history": history, "selected_step": best.step, "held_out_loss": -best.score}
+        return to_coefficients(best.value), record
 
     def outcome_state(self, coefficients: torch.Tensor) -> State:
         with torch.no_grad():
             return self.ctx.assemble(self.merged(coefficients))
 
+
+class _CoefficientProblem:
+    """One step of a coefficient merge for the FitLoop: merge, run, objective."""
+
+    def __init__(
+        self,
+        merge: CoefficientMerge,
+        raw: nn.Parameter,
+        to_coefficients: CoefficientFn,
+        objective: str,
+    ) -> None:
+        self.merge, self.raw, self.to_coefficients = merge, raw, to_coefficients
+        ctx = merge.ctx
+        self.objective = (
+            ctx.objective_fn if objective == "auto" else resolve_objective(objective, merge.model)
+        )
+
+    def trainable(self) -> list[nn.Parameter]:
+        return [self.raw]
+
+    def loss(self, batch: Any, step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        ctx, merge = self.ctx, self.merge
+        set_gate_training_mode(merge.model)
+        rest = {
+            k: v.to(merge.dtypes.get(k, v.dtype)).clone() if k in merge.buffers else v
+            for k, v in ctx.rest_state().items()
+        }
+        state = {**rest, **merge.merged(self.to_coefficients(self.raw))}
+        b = split_on(batch, ctx.device)
+        logits = logits_of(functional_call(merge.model, state, b.args, b.kwargs))
+        loss = self.objective.loss(logits, b)
+        return loss, {"loss": loss.item()}
+
+    @property
+    def ctx(self) -> MergeContext:
+        return self.merge.ctx
+
+    def after_backward(self, step: int) -> None:
+        pass

@@ -7,10 +7,12 @@ its output is the ensemble's negative log-likelihood."""
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import nn
 
+from ..batches import logits_of
 from .base import MergeContext, MergeMethod, MergeOutcome, register
 
 
@@ -21,8 +23,10 @@ class OutputEnsemble(nn.Module):
         super().__init__()
         self.members = nn.ModuleList(members)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logp = torch.stack([torch.log_softmax(m(x), dim=-1) for m in self.members])
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        logp = torch.stack(
+            [torch.log_softmax(logits_of(m(*args, **kwargs)).float(), dim=-1) for m in self.members]
+        )
         return torch.logsumexp(logp, dim=0) - math.log(len(self.members))
 
 
@@ -34,4 +38,5 @@ class Ensemble(MergeMethod):
 
     def run(self, ctx: MergeContext) -> MergeOutcome:
         members = [ctx.build_plain(cand.state) for cand in ctx.pool]
-        return MergeOutcome(OutputEnsemble(members).eval(), None, {"members": len(members)})
+        ensemble = OutputEnsemble(members).eval()
+        return MergeOutcome.of_model(ensemble, None, info={"members": len(members)})

@@ -3,10 +3,12 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from pydantic import Field
 
 from ..errors import PlanError
-from .base import MergeContext, MergeOutcome, MethodParams, State, TensorwiseMethod, register
+from .base import MergeContext, MethodParams, TensorwiseMethod, register
 
 
 class SlerpParams(MethodParams):
@@ -20,14 +22,14 @@ class Slerp(TensorwiseMethod):
     Params = SlerpParams
     summary = "spherical interpolation of exactly two models, per tensor"
 
-    def base_state(self, ctx: MergeContext) -> State | None:
-        return None if ctx.base_candidate is None else ctx.base_candidate.state
+    def base_of(self, ctx: MergeContext) -> Any:
+        return ctx.base_candidate
 
-    def run(self, ctx: MergeContext) -> MergeOutcome:
+    def check(self, ctx: MergeContext) -> None:
+        super().check(ctx)
         count = len(ctx.pool) + (ctx.base_candidate is not None)
         if count != 2:
             raise PlanError(
                 f"method 'slerp' interpolates exactly 2 models (a base counts as one), "
                 f"got {count}: {', '.join(ctx.candidate_names)}"
             )
-        return super().run(ctx)

@@ -1,28 +1,36 @@
 """Soft merging (this library's method, arXiv:2309.12259) behind the same interface as the
 others: hard concrete gates learned on the merge set; the plan's granularity decides the gate
-units. Parameters are the fields of :class:`~softmerge.soft.FitConfig` (the YAML ``fit``
-section); ``seed`` defaults to the context's seed."""
+units. Parameters are the fields of :class:`~softmerge.fit.FitConfig` (the YAML ``fit``
+section); ``seed`` and ``progress`` default to the context's."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from pydantic import create_model
 
-from ..schema import FitSection
-from ..soft import FitConfig, SoftMerger
-from .base import MergeContext, MergeMethod, MergeOutcome, register
+from ..fit import FitConfig
+from ..soft import SoftMerger
+from .base import MergeContext, MergeMethod, MergeOutcome, MethodParams, register
 
-SoftParams = create_model(
-    "SoftParams",
-    __base__=FitSection,
-    seed=(int | None, None),  # None: the context's seed
-    progress=(bool | None, None),  # None: the context's setting
-)
+
+def _params_model() -> type[MethodParams]:
+    """The FitConfig fields as method parameters; seed and progress may be left to the run."""
+    fields: dict[str, Any] = {
+        name: (info.annotation, info) for name, info in FitConfig.model_fields.items()
+    }
+    fields["seed"] = (int | None, None)  # None: the context's seed
+    fields["progress"] = (bool | None, None)  # None: the context's setting
+    return create_model("SoftParams", __base__=MethodParams, **fields)
+
+
+SoftParams = _params_model()
 
 
 @register
 class SoftMerging(MergeMethod):
     name = "soft"
-    Params = SoftParams  # type: ignore[assignment]
+    Params = SoftParams
     needs_data = True
     summary = "hard concrete (L0) gates learned on the merge set; gates can be exactly 0 or 1"
 
@@ -33,9 +41,19 @@ class SoftMerging(MergeMethod):
         return FitConfig(**values)
 
     def run(self, ctx: MergeContext) -> MergeOutcome:
-        base = ctx.base_candidate if ctx.plan.combine == "delta" else None
-        merger = SoftMerger(ctx.model, ctx.pool, ctx.plan, base=base)
-        merger.fit(ctx.require_data(self.name), config=self.fit_config(ctx))
+        cfg = self.fit_config(ctx)
+        ctx.configure(cfg.device, cfg.storage_dtype)
+        merger = SoftMerger(None, context=ctx)
+        spec = ctx.checkpoint
+        merger.fit(
+            ctx.require_data(self.name),
+            val_loader=ctx.val_loader,
+            config=cfg,
+            checkpoint=None if spec is None else spec.path,
+            resume=bool(spec and spec.resume),
+            keep_checkpoint=bool(spec and spec.keep),
+            run_key="" if spec is None else spec.run_key,
+        )
         state = merger.merged_state_dict()
         info = {"merger": merger, "fit": merger.result}
-        return MergeOutcome(merger.merged_model(), state, info)
+        return MergeOutcome(state, merger.merged_model, info)

@@ -1,14 +1,13 @@
-"""Model soups (Wortsman et al., ICML 2022) and output ensembles: the baselines of every merge.
+"""Model soups (Wortsman et al., ICML 2022): the plain average, and greedy selection.
 
-State dicts in, state dict out; evaluation is a callable so these work for any model and data.
-"""
+State dicts in, state dict out; greedy selection takes a scoring callable, so it works for any
+model, data and way of building a soup."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
-from torch import nn
 
 State = Mapping[str, torch.Tensor]
 
@@ -24,42 +23,21 @@ def uniform_soup(states: Sequence[State]) -> dict[str, torch.Tensor]:
     }
 
 
-def greedy_soup(
-    states: Sequence[State], score: Callable[[State], float]
-) -> tuple[dict[str, torch.Tensor], list[int]]:
-    """Add candidates in order of their held-out score; keep one only if the soup's score rises.
+def greedy_selection(
+    count: int, score: Callable[[Sequence[int]], float]
+) -> tuple[list[int], float]:
+    """Greedy soup's selection over candidates ``0..count-1``.
 
-    ``score`` must be computed on held-out data (higher is better). Returns the soup and the
-    indices of the candidates it kept, in the order they were added."""
-    scores = [score(s) for s in states]
-    order = sorted(range(len(states)), key=lambda i: scores[i], reverse=True)
-    kept = [order[0]]
-    best = scores[order[0]]
+    Candidates are tried in order of their own score (``score([i])``, on held-out data, higher
+    is better); one is kept only if the soup of the kept ones plus it scores strictly higher
+    (ties keep the smaller soup). Returns the kept indices, in the order they were added, and
+    the soup's score."""
+    alone = [score([i]) for i in range(count)]
+    order = sorted(range(count), key=lambda i: alone[i], reverse=True)
+    kept, best = [order[0]], alone[order[0]]
     for i in order[1:]:
-        trial = uniform_soup([states[j] for j in [*kept, i]])
-        trial_score = score(trial)
-        if trial_score > best:  # strictly better: ties keep the smaller soup
+        trial = score([*kept, i])
+        if trial > best:
             kept.append(i)
-            best = trial_score
-    return uniform_soup([states[j] for j in kept]), kept
-
-
-@torch.no_grad()
-def ensemble_probabilities(models: Sequence[nn.Module], x: torch.Tensor) -> torch.Tensor:
-    """Output ensemble: the average of the members' softmax probabilities (N x the cost)."""
-    probs = [torch.softmax(m.eval()(x), dim=-1) for m in models]
-    return torch.stack(probs).mean(0)
-
-
-@torch.no_grad()
-def evaluate_ensemble(
-    models: Sequence[nn.Module], dataset: torch.utils.data.Dataset, batch_size: int = 1024
-) -> tuple[float, float]:
-    """(accuracy in percent, mean NLL) of the averaged-probability ensemble on ``dataset``."""
-    correct, nll, count = 0, 0.0, 0
-    for x, y in torch.utils.data.DataLoader(dataset, batch_size=batch_size):
-        p = ensemble_probabilities(models, x)
-        nll += float(-torch.log(p.gather(1, y[:, None]).clamp_min(1e-12)).sum())
-        correct += int((p.argmax(1) == y).sum())
-        count += len(y)
-    return 100.0 * correct / count, nll / count
+            best = trial
+    return kept, best

@@ -138,11 +138,14 @@ def _drop_random(
     """
     if density >= 1:
         return delta
-    # CPU bernoulli lacks float16, so draw in float32 there; bfloat16 and devices keep theirs.
-    keep_native = delta.device.type != "cpu" or delta.dtype == torch.bfloat16
+    # CPU bernoulli lacks float16, so draw in float32 there; bfloat16 keeps its own. Masks are
+    # drawn where the generator lives (a CPU generator: on the CPU), so a seed gives the same
+    # mask on every device.
+    draw_on = generator.device if generator is not None else delta.device
+    keep_native = draw_on.type != "cpu" or delta.dtype == torch.bfloat16
     work = delta.dtype if keep_native else torch.float32
-    probability = torch.full_like(delta, density, dtype=work)
-    keep = torch.bernoulli(probability, generator=generator)
+    probability = torch.full(delta.shape, density, dtype=work, device=draw_on)
+    keep = torch.bernoulli(probability, generator=generator).to(delta.device)
     return _mask_and_rescale(delta.to(work), keep, rescale).to(delta.dtype)
 
 

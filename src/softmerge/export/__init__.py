@@ -1,0 +1,94 @@
+"""Writing merges: weights (sharded safetensors), Hugging Face folders, gates and plots.
+
+For inputs that are Hugging Face folders the output folder is itself one (``model.safetensors``
+or shards with their index, the inputs' config and tokenizer files), so ``from_pretrained``
+loads it; otherwise the weights are ``merged.safetensors`` (or its shards).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .. import __version__
+from ..io import write_json
+from ..report import plot_convergence, plot_gate_heatmap, write_gates_json
+from .hf import copy_hf_files
+from .weights import DEFAULT_SHARD_SIZE, ShardedWriter, parse_size, write_state
+
+if TYPE_CHECKING:
+    from ..soft import SoftMerger
+
+__all__ = [
+    "DEFAULT_SHARD_SIZE",
+    "ShardedWriter",
+    "export_soft_merge",
+    "parse_size",
+    "write_merged",
+    "write_state",
+]
+
+
+def write_merged(
+    out_dir: Path,
+    items: Iterable[tuple[str, torch.Tensor]],
+    *,
+    hf_source: Path | None = None,
+    shard_size: str | int = DEFAULT_SHARD_SIZE,
+    info: Mapping[str, Any] | None = None,
+) -> dict[str, list[Path]]:
+    """The merged weights (streamed) and, for Hugging Face inputs, the folder's other files."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    meta = {"softmerge_version": __version__}
+    if info:
+        meta["softmerge"] = json.dumps(dict(info), default=str)
+    stem = "model" if hf_source is not None else "merged"
+    paths = {
+        "weights": write_state(out_dir, items, stem=stem, shard_size=shard_size, metadata=meta)
+    }
+    if hf_source is not None:
+        paths["hf_files"] = copy_hf_files(hf_source, out_dir)
+    return paths
+
+
+def export_soft_merge(
+    merger: SoftMerger,
+    out_dir: Path,
+    extra: Mapping[str, Any] | None = None,
+    shard_size: str | int = DEFAULT_SHARD_SIZE,
+) -> dict[str, Path]:
+    """Weights, gates.json, gates.png, history.json and convergence.png of a fitted merge."""
+    state = merger.merged_state_dict()
+    info = merger.describe()
+    result = merger.result
+    if result is not None:
+        info.update(
+            steps=result.steps,
+            seconds=round(result.seconds, 3),
+            candidate_losses=result.candidate_losses,
+        )
+    info.update(dict(extra or {}))
+    written = write_merged(
+        out_dir,
+        state.items(),
+        hf_source=merger.candidates[0].hf_folder,
+        shard_size=shard_size,
+        info={"plan": info["plan"]},
+    )
+    files = written["weights"]
+    # "weights": the file (or shard index) a user loads; the other files by name.
+    paths: dict[str, Path] = {"weights": files[-1] if len(files) > 1 else files[0]}
+    paths.update({p.name: p for group in written.values() for p in group})
+    snap = merger.gate_snapshot()
+    paths["gates"] = write_gates_json(out_dir / "gates.json", snap, extra={"merge": info})
+    paths["heatmap"] = plot_gate_heatmap(out_dir / "gates.png", snap)
+    if result is not None and result.history:
+        paths["history"] = write_json(out_dir / "history.json", result.history)
+        paths["convergence"] = plot_convergence(
+            out_dir / "convergence.png", result.history, candidates=merger.names
+        )
+    return paths

@@ -1,0 +1,224 @@
+"""The candidates' merged tensors, stacked once into their final buffers.
+
+A :class:`CandidateStack` holds, for every tensor the plan merges, one ``(N, *shape)`` buffer in
+``storage_dtype`` on ``device``: the candidates' values (or, with a base, their task vectors
+``theta_j - theta_0``). It is filled tensor by tensor straight from the candidates' readers, so no
+second copy of any candidate ever exists, and it is the only copy every learning method (soft
+merging, learned soup, AdaMerging) works from.
+
+:meth:`CandidateStack.mix` is the merge product ``theta = offset + sum_j w_j * stack[j]`` for
+any weights ``w`` (one per candidate, or one per candidate and output channel). It is a custom
+autograd function: its backward reads the stack once more to get ``dL/dw`` and saves nothing
+but ``w``, and bf16/fp16 stacks are converted to float32 chunk by chunk, so a half-precision
+stack never has a float32 twin.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from .candidates import Candidate
+from .errors import PlanError
+
+log = logging.getLogger("softmerge")
+
+# Elements per candidate converted to float32 at a time for half-precision stacks (4 MiB each).
+_CHUNK = 1 << 20
+FLOAT_DTYPES = {
+    "float32": torch.float32,
+    "float": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "half": torch.float16,
+    "fp16": torch.float16,
+    "float64": torch.float64,
+    "double": torch.float64,
+}
+
+
+def parse_dtype(value: str | torch.dtype | None) -> torch.dtype | None:
+    """``"bfloat16"`` (or ``torch.bfloat16``) -> ``torch.bfloat16``; a non-floating dtype is a
+    PlanError naming the choices."""
+    if value is None or isinstance(value, torch.dtype):
+        if isinstance(value, torch.dtype) and not value.is_floating_point:
+            raise PlanError(f"storage_dtype must be a floating type, got {value}")
+        return value
+    key = str(value).removeprefix("torch.").lower()
+    if key not in FLOAT_DTYPES:
+        raise PlanError(
+            f"storage_dtype must be a floating type ({', '.join(sorted(set(FLOAT_DTYPES)))}), "
+            f"got {value!r}"
+        )
+    return FLOAT_DTYPES[key]
+
+
+def parse_device(value: str | torch.device | None) -> torch.device | None:
+    """A device that exists here, or a PlanError saying why not (``cuda`` without a GPU...)."""
+    if value is None:
+        return None
+    try:
+        device = torch.device(value)
+    except (RuntimeError, TypeError) as exc:
+        raise PlanError(f"device {value!r} is not a device name (e.g. cpu, cuda, cuda:1)") from exc
+    if device.type == "cpu" or device.type == "meta":
+        return device
+    backend = getattr(torch, device.type, None)
+    available = getattr(backend, "is_available", lambda: False)
+    if not available():
+        raise PlanError(f"device {value!r} is not available on this machine")
+    count = getattr(backend, "device_count", lambda: 1)()
+    if device.index is not None and device.index >= count:
+        raise PlanError(f"device {value!r} does not exist: this machine has {count} {device.type}")
+    return device
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+class _StackedMix(torch.autograd.Function):
+    """theta = sum_j w_j * stack[j] (w broadcast along ``axis``), accumulated in float32."""
+
+    @staticmethod
+    def forward(ctx, w: torch.Tensor, stack: torch.Tensor, axis: int | None) -> torch.Tensor:  # type: ignore[override]
+        ctx.stack, ctx.axis = stack, axis
+        ctx.save_for_backward(w)
+        acc = accumulation_dtype(stack.dtype)
+        if axis is None:
+            flat = stack.view(stack.shape[0], -1)
+            if stack.dtype == acc:
+                return torch.mv(flat.t(), w.to(acc)).view(stack.shape[1:])
+            out = torch.empty(flat.shape[1], dtype=acc, device=stack.device)
+            for start in range(0, flat.shape[1], _CHUNK):
+                part = flat[:, start : start + _CHUNK].to(acc)
+                out[start : start + _CHUNK] = torch.mv(part.t(), w.to(acc))
+            return out.view(stack.shape[1:])
+        out = torch.zeros(stack.shape[1:], dtype=acc, device=stack.device)
+        for j in range(stack.shape[0]):
+            out.add_(stack[j].to(acc) * _along(w[j], axis, out.dim()))
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        (w,) = ctx.saved_tensors
+        stack, axis = ctx.stack, ctx.axis
+        acc = accumulation_dtype(stack.dtype)
+        grad = grad.to(acc)
+        if axis is None:
+            flat, g = stack.view(stack.shape[0], -1), grad.reshape(-1)
+            if stack.dtype == acc:
+                return torch.mv(flat, g).to(w.dtype), None, None
+            total = torch.zeros(flat.shape[0], dtype=acc, device=stack.device)
+            for start in range(0, flat.shape[1], _CHUNK):
+                part = flat[:, start : start + _CHUNK].to(acc)
+                total += torch.mv(part, g[start : start + _CHUNK])
+            return total.to(w.dtype), None, None
+        dims = [d for d in range(grad.dim()) if d != axis]
+        # (sum over an empty list of dims would reduce everything: a 1-D tensor has none)
+        rows = [
+            (stack[j].to(acc) * grad).sum(dim=dims) if dims else stack[j].to(acc) * grad
+            for j in range(stack.shape[0])
+        ]
+        return torch.stack(rows).to(w.dtype), None, None
+
+
+def _along(w: torch.Tensor, axis: int, ndim: int) -> torch.Tensor:
+    """``w`` (C,) shaped to broadcast along dimension ``axis`` of an ``ndim`` tensor."""
+    shape = [1] * ndim
+    shape[axis] = -1
+    return w.view(shape)
+
+
+class CandidateStack:
+    """Every merged tensor of N candidates in one ``(N, *shape)`` buffer each.
+
+    ``deltas``: with a base, rows hold ``theta_j - theta_0`` and ``offset`` holds theta_0 (in its
+    own dtype), so ``mix`` gives ``theta_0 + sum_j w_j tau_j``. Rows of ``inactive`` candidates
+    (non-finite values) are zeros: their weight is always 0, and 0 * NaN would still be NaN."""
+
+    def __init__(
+        self,
+        candidates: Sequence[Candidate],
+        names: Sequence[str],
+        *,
+        active: Sequence[bool] | None = None,
+        base: Candidate | None = None,
+        storage_dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        progress: bool = False,
+    ) -> None:
+        self.names = list(names)
+        self.count = len(candidates)
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        infos = candidates[0].infos
+        own = infos[self.names[0]].dtype if self.names else torch.float32
+        self.dtype = storage_dtype or (own if own.is_floating_point else torch.float32)
+        self.active = list(active) if active is not None else [True] * self.count
+        self.buffers: dict[str, torch.Tensor] = {}
+        self.offset: dict[str, torch.Tensor] = {}
+        names_iter: Iterable[str] = tqdm(
+            self.names, desc="stacking", disable=not progress, leave=False
+        )
+        for name in names_iter:
+            self.buffers[name] = self._stack_one(candidates, name, base)
+        for c in [*candidates, *([base] if base is not None else [])]:
+            c.close()
+
+    def _stack_one(
+        self, candidates: Sequence[Candidate], name: str, base: Candidate | None
+    ) -> torch.Tensor:
+        shape = candidates[0].infos[name].shape
+        buf = torch.empty((self.count, *shape), dtype=self.dtype, device=self.device)
+        theta0 = None
+        if base is not None:
+            theta0 = base.tensor(name).to(self.device)
+            self.offset[name] = theta0
+        acc = accumulation_dtype(self.dtype)
+        for j, cand in enumerate(candidates):
+            if not self.active[j]:
+                buf[j].zero_()
+            elif theta0 is None:
+                buf[j].copy_(cand.tensor(name))
+            else:  # the difference in float32: a bf16 subtraction would lose the small deltas
+                buf[j].copy_(cand.tensor(name).to(self.device, acc) - theta0.to(acc))
+        return buf
+
+    # -- views -------------------------------------------------------------------------------
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.buffers.values())
+
+    def candidate(self, j: int) -> dict[str, torch.Tensor]:
+        """Candidate j's merged tensors (views of the stack, plus theta_0 with a base)."""
+        out = {}
+        for name, buf in self.buffers.items():
+            row = buf[j]
+            out[name] = row + self.offset[name].to(row.dtype) if name in self.offset else row
+        return out
+
+    def mix(
+        self,
+        weights: Mapping[str, torch.Tensor],
+        axes: Mapping[str, int | None] | None = None,
+        dtypes: Mapping[str, torch.dtype] | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """``theta[name] = offset + sum_j weights[name][j] * stack[name][j]`` for every name in
+        ``weights``: a weight vector (N,) per tensor, or (N, C) per output channel with the
+        channel dimension in ``axes[name]``. Differentiable in the weights; results in float32
+        (float64 stacks: float64), cast to ``dtypes[name]`` when given."""
+        out = {}
+        for name, w in weights.items():
+            axis = (axes or {}).get(name)
+            theta = _StackedMix.apply(w, self.buffers[name], axis)
+            if name in self.offset:
+                theta = theta + self.offset[name].to(theta.dtype)
+            want = (dtypes or {}).get(name)
+            out[name] = theta if want is None or want == theta.dtype else theta.to(want)
+        return out

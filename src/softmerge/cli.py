@@ -12,6 +12,7 @@ import argparse
 import contextlib
 import copy
 import dataclasses
+import inspect
 import json
 import logging
 import math
@@ -51,7 +52,7 @@ from .compare import (
 )
 from .compare import compare as compare_methods
 from .config import MergeConfig, load_config
-from .data import load_splits
+from .data import LOADERS, load_splits
 from .errors import ConfigError, DataError, OutputError, PlanError, SoftmergeError
 from .io import os_reason, writable_problem, write_json, write_safetensors, write_text
 from .methods import METHOD_NAMES, REGISTRY, MergeContext
@@ -78,8 +79,9 @@ class MergeData:
     eval_source: str | None
 
 
-def load_data(cfg: MergeConfig, objective: str) -> MergeData:
-    """The merge set and the (optional) eval set the config describes."""
+def load_data(cfg: MergeConfig, objective: str, progress: bool = True) -> MergeData:
+    """The merge set and the (optional) eval set the config describes. ``progress``: show the
+    bar of a data download (MNIST found nowhere else)."""
     data = cfg.data
     if data.dataset == "tensors":
         assert data.merge is not None  # the config checks guarantee it
@@ -92,6 +94,8 @@ def load_data(cfg: MergeConfig, objective: str) -> MergeData:
     kwargs: dict[str, Any] = dict(data.kwargs)
     if data.path is not None:
         kwargs["path"] = data.path
+    if "progress" in inspect.signature(LOADERS[data.dataset]).parameters:
+        kwargs.setdefault("progress", progress)
     try:
         splits = load_splits(data.dataset, **kwargs)
     except (TypeError, ValueError) as exc:  # e.g. sizes larger than the data set
@@ -350,7 +354,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
         merger = SoftMerger(model, cfg.candidate_paths(), cfg.plan(), names=cfg.candidate_names())
     except PlanError as exc:  # e.g. an include pattern that matches no parameter of the model
         raise PlanError(f"{cfg.source}: {exc}") from None
-    data = load_data(cfg, fit_cfg.objective)
+    data = load_data(cfg, fit_cfg.objective, progress=fit_cfg.progress)
     check_model_runs(model, data.merge, data.merge_source, cfg.model.factory)
     if data.eval is not None:
         check_model_runs(model, data.eval, str(data.eval_source), cfg.model.factory)
@@ -475,7 +479,8 @@ class MethodRun:
 def prepare_method_run(cfg: MergeConfig, args: argparse.Namespace) -> MethodRun:
     """Model, data and loaders for registry methods; data.held_out splits the merge set."""
     model = cfg.build_model()
-    data = load_data(cfg, cfg.fit.objective)
+    progress = not (args.no_progress or _quiet(args))
+    data = load_data(cfg, cfg.fit.objective, progress=progress)
     check_model_runs(model, data.merge, data.merge_source, cfg.model.factory)
     if data.eval is not None:
         check_model_runs(model, data.eval, str(data.eval_source), cfg.model.factory)
@@ -487,7 +492,6 @@ def prepare_method_run(cfg: MergeConfig, args: argparse.Namespace) -> MethodRun:
     )
     held_loader = None if held_out is None else DataLoader(held_out, batch_size=512)
     loaders = {"merge": merge_loader, "held_out": held_loader, "eval": eval_loader}
-    progress = not (args.no_progress or _quiet(args))
     return MethodRun(model, data, loaders, seed, progress)
 
 

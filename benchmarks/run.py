@@ -1,6 +1,11 @@
 """Run every setting of the benchmark and write ``<out>/results.json`` (then run report.py).
 
     python benchmarks/run.py [--fresh] [--smoke] [--out bench-out] [--only S1 S3] [--seeds 0 1]
+                             [--mnist FOLDER]
+
+MNIST comes from ``--mnist``, else ``$SOFTMERGE_DATA/mnist``, else the user cache, else a
+verified download into the cache (``softmerge.data.resolve_mnist``); it is looked for before
+anything is trained, so a missing MNIST stops the run at once with the list of places tried.
 
 Settings (docs/results.md explains each choice):
 
@@ -40,7 +45,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from models import ARCHS, build
 from settings import (
-    DEFAULT_MNIST,
     FAMILIES,
     SCALES,
     TASKS,
@@ -51,6 +55,8 @@ from settings import (
     make_malicious,
 )
 
+from softmerge.data import resolve_mnist
+from softmerge.errors import DataError
 from softmerge.methods import MergeContext, get_method
 from softmerge.plan import MergePlan
 
@@ -605,7 +611,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--fresh", action="store_true", help="delete the candidate cache first")
     parser.add_argument("--only", nargs="+", choices=SETTINGS)
     parser.add_argument("--seeds", type=int, nargs="+")
-    parser.add_argument("--mnist", type=Path, default=DEFAULT_MNIST)
+    parser.add_argument(
+        "--mnist",
+        type=Path,
+        help="folder of the MNIST IDX files (default: SOFTMERGE_DATA/mnist, "
+        "else the user cache, else a download into it)",
+    )
     parser.add_argument("--no-step-cost", action="store_true")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
@@ -615,6 +626,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         datefmt="%H:%M:%S",
     )
     logging.getLogger("softmerge").setLevel(logging.ERROR)
+    try:
+        mnist = resolve_mnist(args.mnist)
+    except DataError as err:
+        parser.exit(2, f"bench: {err}\n")
+    print(f"bench: MNIST from {mnist}", flush=True)
     scale = SCALES["smoke" if args.smoke else "full"]
     if args.seeds:
         scale = Scale(**{**asdict(scale), "seeds": tuple(args.seeds)})
@@ -622,7 +638,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.fresh and (args.out / "cache").exists():
         shutil.rmtree(args.out / "cache")
     args.out.mkdir(parents=True, exist_ok=True)
-    runner = Runner(scale, args.out, args.mnist, args.only)
+    runner = Runner(scale, args.out, mnist, args.only)
     for seed in scale.seeds:
         runner.run_seed(seed)
     step_cost = None
@@ -678,7 +694,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             },
             "data": {k: dict(v) for k, v in scale.data.items()},
             "split_sizes": {
-                name: get_data(name, scale.name, str(args.mnist)).sizes()
+                name: get_data(name, scale.name, str(mnist)).sizes()
                 for name in sorted({f.dataset for f in FAMILIES.values()})
             },
             "finished": time.strftime("%Y-%m-%d %H:%M:%S"),

@@ -321,7 +321,11 @@ CHECKS: list[tuple[str, Edit, str]] = [
     ),
     ("tensors need merge", _set("data", dataset="tensors"), "data.merge: required with dataset"),
     ("path not used", _set("data", path="ckpt"), "data.path: not used with dataset 'digits'"),
-    ("mnist needs path", _set("data", dataset="mnist"), "data.path: dataset 'mnist' needs"),
+    (
+        "mnist path is a file",
+        _set("data", dataset="mnist", path="ckpt/a.safetensors"),
+        "a.safetensors is not a folder",
+    ),
     (
         "duplicate names",
         lambda c: c["candidates"].__setitem__(1, {"path": "ckpt/b.pt", "name": "a"}),

@@ -14,6 +14,7 @@ import torch
 from softmerge.data import (
     Splits,
     digits_splits,
+    find_mnist_files,
     load_splits,
     mnist1d_splits,
     mnist_splits,
@@ -21,11 +22,6 @@ from softmerge.data import (
 )
 from softmerge.data import mnist1d as mnist1d_module
 from softmerge.errors import DataError
-
-MNIST_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
-needs_mnist = pytest.mark.skipif(
-    not (MNIST_DIR / "train-labels.idx1-ubyte.gz").is_file(), reason=f"no MNIST at {MNIST_DIR}"
-)
 
 
 def _write_idx(path: Path, magic: int, dims: tuple[int, ...], payload: bytes) -> Path:
@@ -47,12 +43,12 @@ def _check_split(part: torch.utils.data.TensorDataset, n: int, shape: tuple[int,
 # --- IDX ------------------------------------------------------------------------------------
 
 
-@needs_mnist
-def test_read_idx_real_mnist_images_and_labels() -> None:
-    images = read_idx(MNIST_DIR / "train-images.idx3-ubyte.gz")
+def test_read_idx_real_mnist_images_and_labels(mnist_dir: Path) -> None:
+    files = find_mnist_files(mnist_dir)
+    images = read_idx(files["train_images"])
     assert images.shape == (60000, 28, 28)
     assert images.dtype == np.uint8
-    labels = read_idx(MNIST_DIR / "t10k-labels.idx1-ubyte.gz", magic=2049)
+    labels = read_idx(files["test_labels"], magic=2049)
     assert labels.shape == (10000,)
     counts = np.bincount(labels, minlength=10)
     assert len(counts) == 10
@@ -60,9 +56,10 @@ def test_read_idx_real_mnist_images_and_labels() -> None:
     assert counts.min() > 800  # every digit is well represented
 
 
-@needs_mnist
-def test_read_idx_raw_equals_gz(tmp_path: Path) -> None:
-    gz = MNIST_DIR / "train-labels.idx1-ubyte.gz"
+def test_read_idx_raw_equals_gz(mnist_dir: Path, tmp_path: Path) -> None:
+    gz = find_mnist_files(mnist_dir)["train_labels"]
+    if gz.suffix != ".gz":
+        pytest.skip(f"{gz} is not gzip-compressed")
     raw = tmp_path / "train-labels.idx1-ubyte"
     with gzip.open(gz, "rb") as src, raw.open("wb") as dst:
         shutil.copyfileobj(src, dst)
@@ -151,9 +148,8 @@ def test_mnist_splits_on_fake_files(tmp_path: Path) -> None:
         mnist_splits(tmp_path, num_train=45, num_merge=10)
 
 
-@needs_mnist
-def test_mnist_splits_real() -> None:
-    splits = mnist_splits(MNIST_DIR, num_merge=5000, seed=0, flatten=True)
+def test_mnist_splits_real(mnist_dir: Path) -> None:
+    splits = mnist_splits(mnist_dir, num_merge=5000, seed=0, flatten=True)
     assert splits.sizes() == {"train": 55000, "merge": 5000, "test": 10000}
     assert splits.input_shape == (784,)
     assert splits.num_classes == 10

@@ -14,16 +14,21 @@ from __future__ import annotations
 
 import ast
 import ctypes
+import email.message
 import errno
 import hashlib
+import io
 import json
 import logging
 import os
 import re
 import shutil
+import socket
 import stat
 import subprocess
 import sys
+import urllib.error
+import urllib.response
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,12 +41,14 @@ from safetensors.torch import load_file, save_file
 
 from softmerge import soft
 from softmerge.cli import main
+from softmerge.data import locate
 from softmerge.zoo import MLP
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "errors.md"
 SCRIPT = Path(sys.executable).with_name("softmerge")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "MPLBACKEND": "Agg"}
 IS_ROOT = os.geteuid() == 0
+NAME0 = "train-images-idx3-ubyte.gz"  # the first MNIST file a download asks for
 
 MODEL = {
     "factory": "softmerge.zoo:MLP",
@@ -370,6 +377,33 @@ def _no_config(folder: Path, _: pytest.MonkeyPatch) -> list[str]:
     return []
 
 
+def _mnist_offline(folder: Path, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """dataset mnist with no path: no SOFTMERGE_DATA, an empty cache, a machine offline."""
+    edit_config(folder, lambda c: c.update(data={"dataset": "mnist", "batch_size": 16}))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(folder / "cache"))
+
+    def offline(url: str, timeout: float) -> Any:
+        raise urllib.error.URLError(socket.gaierror(-3, "Temporary failure in name resolution"))
+
+    monkeypatch.setattr(locate, "_open_url", offline)
+    return []
+
+
+def _mnist_corrupt_mirror(folder: Path, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """dataset mnist with no path; the one mirror serves a file whose bytes are not MNIST's."""
+    _mnist_offline(folder, monkeypatch)
+    monkeypatch.setattr(locate, "MIRRORS", ("https://mirror.example/mnist/",))
+
+    def corrupt(url: str, timeout: float) -> Any:
+        body = b"not the MNIST file"
+        headers = email.message.Message()
+        headers["Content-Length"] = str(len(body))
+        return urllib.response.addinfourl(io.BytesIO(body), headers, url, 200)
+
+    monkeypatch.setattr(locate, "_open_url", corrupt)
+    return []
+
+
 CKPT = "{dir}/ckpt"
 CASES = [
     Case(
@@ -465,6 +499,22 @@ CASES = [
         "`x` of the merge file has shape (0, 16)",
         _data(x=torch.zeros(0, 16), y=torch.zeros(0, dtype=torch.long)),
         ["{dir}/data/merge.safetensors", "'x'", "(0, 16)"],
+    ),
+    Case(
+        "mnist-not-found",
+        "MNIST found nowhere",
+        "`data: {dataset: mnist}` without `path`, `SOFTMERGE_DATA` unset, an empty user cache "
+        "(`XDG_CACHE_HOME=<dir>/cache`), no network",
+        _mnist_offline,
+        ["MNIST not found", "SOFTMERGE_DATA", "{dir}/cache/softmerge/mnist", locate.MIRRORS[0]],
+    ),
+    Case(
+        "mnist-checksum",
+        "A downloaded MNIST file with the wrong checksum",
+        "as `mnist-not-found`, but the one mirror serves other bytes as "
+        "`train-images-idx3-ubyte.gz`",
+        _mnist_corrupt_mirror,
+        ["train-images-idx3-ubyte.gz", "checksum mismatch", locate.CHECKSUMS[NAME0]],
     ),
     Case(
         "labels-outside",

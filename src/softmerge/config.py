@@ -644,16 +644,16 @@ def _check_data(data: DataSection, report: _Reporter) -> None:
     if "path" in data.kwargs:
         raise report.fail("data.kwargs.path", "set data.path instead")
     loader = LOADERS[ds]
-    params = inspect.signature(loader).parameters
-    takes_path = "path" in params
-    path_required = takes_path and params["path"].default is inspect.Parameter.empty
+    path_param = inspect.signature(loader).parameters.get("path")
+    # A loader whose path has a default finds its files itself (MNIST: SOFTMERGE_DATA, cache).
+    path_required = path_param is not None and path_param.default is inspect.Parameter.empty
     if path_required and data.path is None:
         raise report.fail("data.path", f"dataset {ds!r} needs the folder holding its files")
-    if not takes_path and data.path is not None:
+    if path_param is None and data.path is not None:
         raise report.fail("data.path", f"not used with dataset {ds!r}")
     if data.path is not None and not data.path.is_dir():
         raise report.fail("data.path", f"{data.path} is not a folder")
-    given = {**data.kwargs, **({"path": data.path} if takes_path else {})}
+    given = {**data.kwargs, **({"path": data.path} if data.path is not None else {})}
     _check_kwargs(loader, given, "data.kwargs", loader.__name__, report)
 
 

@@ -9,6 +9,7 @@ what ran before it, so one config gives the same soft merge in ``merge`` and in 
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import time
@@ -35,7 +36,7 @@ from .compare import (
 )
 from .config import MergeConfig
 from .context import CheckpointSpec, MergeContext
-from .data import load_splits
+from .data import LOADERS, load_splits
 from .data.tensors import read_tensor_file
 from .errors import ConfigError, DataError, PlanError
 from .evaluation import skeleton
@@ -60,7 +61,7 @@ class RunData:
     eval_source: str | None
 
 
-def load_data(cfg: MergeConfig, objective: Objective) -> RunData:
+def load_data(cfg: MergeConfig, objective: Objective, progress: bool = True) -> RunData:
     """The merge set and the (optional) eval set the config's data section describes."""
     data = cfg.data
     assert data is not None
@@ -77,6 +78,8 @@ def load_data(cfg: MergeConfig, objective: Objective) -> RunData:
     kwargs: dict[str, Any] = dict(data.kwargs)
     if data.path is not None:
         kwargs["path"] = data.path
+    if "progress" in inspect.signature(LOADERS[data.dataset]).parameters:
+        kwargs.setdefault("progress", progress)  # the bar of a data download (MNIST)
     try:
         splits = load_splits(data.dataset, **kwargs)
     except (TypeError, ValueError) as exc:  # e.g. sizes larger than the data set
@@ -188,7 +191,7 @@ def prepare_run(cfg: MergeConfig, *, progress: bool = True) -> Run:
         return Run(cfg, template, None, None, None, None, progress)
     assert template is not None and cfg.model is not None  # the config checks guarantee it
     objective = resolve_objective(cfg.fit.objective, template)
-    data = load_data(cfg, objective)
+    data = load_data(cfg, objective, progress)
     runnable = cfg.build_model()  # two samples through a real model name a bad data file
     check_model_runs(runnable, data.merge, data.merge_source, cfg.model.factory)
     if data.eval is not None:

@@ -1,7 +1,9 @@
 """Data sets for training candidates and learning merges: train / merge / test splits.
 
 Every loader returns a :class:`Splits` whose ``merge`` part is held out from training, so merge
-gates or greedy soups are tuned on data that none of the candidates has seen.
+gates or greedy soups are tuned on data that none of the candidates has seen. MNIST is found by
+:func:`resolve_mnist` (an explicit folder, ``$SOFTMERGE_DATA/mnist``, the user cache, else a
+verified download into the cache).
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from softmerge.data.digits import digits_splits
+from softmerge.data.locate import cache_dir, download_mnist, find_mnist_files, resolve_mnist
 from softmerge.data.mnist import mnist_splits, read_idx
 from softmerge.data.mnist1d import mnist1d_splits
 from softmerge.data.splits import Splits
@@ -17,11 +20,15 @@ from softmerge.errors import DataError
 __all__ = [
     "LOADERS",
     "Splits",
+    "cache_dir",
     "digits_splits",
+    "download_mnist",
+    "find_mnist_files",
     "load_splits",
     "mnist1d_splits",
     "mnist_splits",
     "read_idx",
+    "resolve_mnist",
 ]
 
 LOADERS: dict[str, Callable[..., Splits]] = {

@@ -1,4 +1,8 @@
-"""MNIST from its original IDX files (gzip-compressed or raw), read from a folder the user names."""
+"""MNIST from its original IDX files (gzip-compressed or raw).
+
+The folder comes from :func:`softmerge.data.locate.resolve_mnist`: the one the user names, else
+``$SOFTMERGE_DATA/mnist``, else the user cache, else a verified download into that cache.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from softmerge.data.locate import find_mnist_files, resolve_mnist
 from softmerge.data.splits import Splits, check_sizes, permutation, tensor_dataset
 from softmerge.errors import DataError
 
@@ -23,13 +28,6 @@ _IDX_DTYPES = {
     0x0C: np.dtype(">i4"),
     0x0D: np.dtype(">f4"),
     0x0E: np.dtype(">f8"),
-}
-
-_STEMS = {
-    "train_images": "train-images",
-    "train_labels": "train-labels",
-    "test_images": "t10k-images",
-    "test_labels": "t10k-labels",
 }
 
 
@@ -87,31 +85,6 @@ def read_idx(path: str | os.PathLike[str], magic: int | None = None) -> np.ndarr
     return data.astype(dtype.newbyteorder("="))
 
 
-def _candidates(folder: Path, stem: str, kind: str) -> list[Path]:
-    """Accepted spellings: ``train-images.idx3-ubyte`` and ``train-images-idx3-ubyte``, ±.gz."""
-    names = [f"{stem}.{kind}", f"{stem}-{kind}"]
-    return [folder / (n + ext) for n in names for ext in (".gz", "")]
-
-
-def _find_files(folder: Path) -> dict[str, Path]:
-    """Locate the four MNIST files in ``folder``; DataError lists every name looked for."""
-    if not folder.is_dir():
-        raise DataError(f"{folder}: MNIST folder not found")
-    found: dict[str, Path] = {}
-    missing: list[str] = []
-    for key, stem in _STEMS.items():
-        kind = "idx3-ubyte" if key.endswith("images") else "idx1-ubyte"
-        paths = _candidates(folder, stem, kind)
-        hit = next((p for p in paths if p.is_file()), None)
-        if hit is None:
-            missing.append(" or ".join(p.name for p in paths))
-        else:
-            found[key] = hit
-    if missing:
-        raise DataError(f"{folder}: missing MNIST files; looked for: {'; '.join(missing)}")
-    return found
-
-
 def _load_pair(images_path: Path, labels_path: Path) -> tuple[np.ndarray, np.ndarray]:
     images = read_idx(images_path, magic=IMAGES_MAGIC)
     labels = read_idx(labels_path, magic=LABELS_MAGIC)
@@ -132,21 +105,23 @@ def _normalise(images: np.ndarray, flatten: bool) -> np.ndarray:
 
 
 def mnist_splits(
-    path: str | os.PathLike[str],
+    path: str | os.PathLike[str] | None = None,
     num_train: int | None = None,
     num_merge: int = 5_000,
     seed: int = 0,
     flatten: bool = False,
+    download: bool = True,
+    progress: bool = True,
 ) -> Splits:
-    """MNIST from the IDX files in folder ``path``.
+    """MNIST from the IDX files in folder ``path``, or wherever :func:`resolve_mnist` finds them
+    when ``path`` is None (``download=False``: never download; ``progress``: its progress bar).
 
     The merge split is drawn from the 60k training images with a permutation from ``seed``; train
     is the next ``num_train`` of that permutation (all the rest if None); test is the 10k test set.
     x is normalised with mean 0.1307 / std 0.3081, shape (N, 1, 28, 28) or (N, 784) if flatten.
     """
     check_sizes(None, num_train=num_train, num_merge=num_merge)
-    folder = Path(path)
-    files = _find_files(folder)
+    files = find_mnist_files(resolve_mnist(path, download=download, progress=progress))
     train_x, train_y = _load_pair(files["train_images"], files["train_labels"])
     test_x, test_y = _load_pair(files["test_images"], files["test_labels"])
     try:

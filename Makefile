@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[dev,hf]'
 	# Test-only reference for the parity tests. --no-deps: mergekit's merge methods need only
 	# torch, pydantic and numpy; its full dependency set (transformers, datasets...) is not used.
 	$(PY) -m pip install -q --no-deps mergekit==0.1.5 || \

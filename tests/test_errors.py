@@ -325,6 +325,21 @@ def _out_is_input(folder: Path, _: pytest.MonkeyPatch) -> list[str]:
     return ["--out", str(folder / "ckpt")]
 
 
+def _missing_shard(folder: Path, _: pytest.MonkeyPatch) -> list[str]:
+    """A Hugging Face style sharded candidate whose index names a shard that is not there."""
+    shard = folder / "sharded"
+    shard.mkdir()
+    state = _state(1)
+    first = dict(list(state.items())[:2])
+    save_file(first, str(shard / "model-00001-of-00002.safetensors"))
+    weight_map = {k: "model-00001-of-00002.safetensors" for k in first}
+    weight_map.update({k: "model-00002-of-00002.safetensors" for k in state if k not in first})
+    index = {"metadata": {}, "weight_map": weight_map}
+    (shard / "model.safetensors.index.json").write_text(json.dumps(index))
+    edit_config(folder, lambda c: c["candidates"].__setitem__(1, "sharded"))
+    return []
+
+
 def _disk_full(folder: Path, monkeypatch: pytest.MonkeyPatch) -> list[str]:
     (folder / "out").mkdir()
     (folder / "out" / "notes.txt").write_text("kept")  # an existing output folder stays as it was
@@ -586,6 +601,27 @@ CASES = [
         "`fit: {lr: .inf}`",
         _config(setting("fit", lr=float("inf"))),
         ["{dir}/merge.yaml", "fit.lr", "inf"],
+    ),
+    Case(
+        "missing-device",
+        "A device this machine does not have",
+        "`fit: {device: cuda:7}` on a machine without that GPU",
+        _config(setting("fit", device="cuda:7")),
+        ["{dir}/merge.yaml", "fit.device", "'cuda:7'"],
+    ),
+    Case(
+        "integer-storage-dtype",
+        "A stack dtype that is not a floating type",
+        "`fit: {storage_dtype: int8}`",
+        _config(setting("fit", storage_dtype="int8")),
+        ["{dir}/merge.yaml", "fit.storage_dtype", "'int8'"],
+    ),
+    Case(
+        "missing-shard",
+        "A shard index naming a shard file that is not there",
+        "candidate `sharded/` holds `model.safetensors.index.json` naming a missing second shard",
+        _missing_shard,
+        ["{dir}/sharded/model.safetensors.index.json", "model-00002-of-00002.safetensors"],
     ),
     Case(
         "bad-granularity",

@@ -48,6 +48,7 @@ from .evaluation import (
     recalibrate_batchnorm,
     skeleton,
 )
+from .memory import release_memory
 from .objectives import Objective, resolve_objective
 from .plan import GateLayout, MergePlan, build_layout
 from .stack import CandidateStack, parse_device, parse_dtype
@@ -161,7 +162,11 @@ class MergeContext:
     @property
     def active(self) -> list[bool]:
         """Which candidates are finite (one streaming scan per candidate, the first time)."""
-        return [c.is_finite for c in self.pool]
+        scanned = all(c.scanned for c in self.pool)
+        flags = [c.is_finite for c in self.pool]
+        if not scanned:
+            release_memory()
+        return flags
 
     def require_base(self, method: str) -> Candidate:
         if self.base_candidate is None:
@@ -209,6 +214,7 @@ class MergeContext:
                 c.name: self._mean_loss(model, c, batches) if c.is_finite else math.inf
                 for c in self.pool
             }
+            release_memory()  # each candidate was read whole once: give that memory back
         return self._solo
 
     @torch.no_grad()

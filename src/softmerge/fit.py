@@ -34,6 +34,7 @@ from .batches import Batch
 from .errors import PlanError
 from .objectives import NAMES as OBJECTIVE_NAMES
 from .schema import Settings
+from .stack import parse_device, parse_dtype
 
 MAX_LR = 1e6  # a larger gate learning rate is a typo (and overflows float32 in the optimiser)
 
@@ -71,6 +72,24 @@ class FitConfig(Settings):
         if value not in OBJECTIVE_NAMES and ":" not in value:
             choices = ", ".join(OBJECTIVE_NAMES)
             raise ValueError(f"expected one of {choices} or 'module:function', got {value!r}")
+        return value
+
+    @field_validator("device", mode="after")
+    @classmethod
+    def _device_exists(cls, value: str | None) -> str | None:
+        try:
+            parse_device(value)
+        except PlanError as exc:
+            raise ValueError(str(exc).removeprefix("device ")) from None
+        return value
+
+    @field_validator("storage_dtype", mode="after")
+    @classmethod
+    def _floating_dtype(cls, value: str | None) -> str | None:
+        try:
+            parse_dtype(value)
+        except PlanError as exc:
+            raise ValueError(str(exc).removeprefix("storage_dtype ")) from None
         return value
 
     def total_steps(self, loader: Any) -> int:

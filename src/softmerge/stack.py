@@ -23,11 +23,12 @@ from tqdm.auto import tqdm
 
 from .candidates import Candidate
 from .errors import PlanError
+from .memory import release_memory
 
 log = logging.getLogger("softmerge")
 
-# Elements per candidate converted to float32 at a time for half-precision stacks (4 MiB each).
-_CHUNK = 1 << 20
+# Elements of a half-precision stack converted to float32 at a time (4 MiB in all).
+_SCRATCH = 1 << 20
 FLOAT_DTYPES = {
     "float32": torch.float32,
     "float": torch.float32,
@@ -65,16 +66,20 @@ def parse_device(value: str | torch.device | None) -> torch.device | None:
     try:
         device = torch.device(value)
     except (RuntimeError, TypeError) as exc:
-        raise PlanError(f"device {value!r} is not a device name (e.g. cpu, cuda, cuda:1)") from exc
+        raise PlanError(
+            f"device must be a device name (cpu, cuda, cuda:1...), got {value!r}"
+        ) from exc
     if device.type == "cpu" or device.type == "meta":
         return device
     backend = getattr(torch, device.type, None)
     available = getattr(backend, "is_available", lambda: False)
     if not available():
-        raise PlanError(f"device {value!r} is not available on this machine")
+        raise PlanError(f"device {value!r} is not available on this machine: no {device.type}")
     count = getattr(backend, "device_count", lambda: 1)()
     if device.index is not None and device.index >= count:
-        raise PlanError(f"device {value!r} does not exist: this machine has {count} {device.type}")
+        raise PlanError(
+            f"device {value!r} does not exist: this machine has {count} {device.type} device(s)"
+        )
     return device
 
 
@@ -95,9 +100,8 @@ class _StackedMix(torch.autograd.Function):
             if stack.dtype == acc:
                 return torch.mv(flat.t(), w.to(acc)).view(stack.shape[1:])
             out = torch.empty(flat.shape[1], dtype=acc, device=stack.device)
-            for start in range(0, flat.shape[1], _CHUNK):
-                part = flat[:, start : start + _CHUNK].to(acc)
-                out[start : start + _CHUNK] = torch.mv(part.t(), w.to(acc))
+            for part, start, stop in _upcast_chunks(flat, acc):
+                torch.mv(part.t(), w.to(acc), out=out[start:stop])
             return out.view(stack.shape[1:])
         out = torch.zeros(stack.shape[1:], dtype=acc, device=stack.device)
         for j in range(stack.shape[0]):
@@ -115,9 +119,8 @@ class _StackedMix(torch.autograd.Function):
             if stack.dtype == acc:
                 return torch.mv(flat, g).to(w.dtype), None, None
             total = torch.zeros(flat.shape[0], dtype=acc, device=stack.device)
-            for start in range(0, flat.shape[1], _CHUNK):
-                part = flat[:, start : start + _CHUNK].to(acc)
-                total += torch.mv(part, g[start : start + _CHUNK])
+            for part, start, stop in _upcast_chunks(flat, acc):
+                total += torch.mv(part, g[start:stop])
             return total.to(w.dtype), None, None
         dims = [d for d in range(grad.dim()) if d != axis]
         # (sum over an empty list of dims would reduce everything: a 1-D tensor has none)
@@ -126,6 +129,20 @@ class _StackedMix(torch.autograd.Function):
             for j in range(stack.shape[0])
         ]
         return torch.stack(rows).to(w.dtype), None, None
+
+
+def _upcast_chunks(flat: torch.Tensor, acc: torch.dtype):
+    """(chunk in ``acc``, start, stop) over the columns of ``flat`` (N, P), converted into one
+    reused scratch buffer: no allocation per chunk, so a half-precision stack's steps do not
+    fragment the heap, and the float32 copy never exceeds ``_SCRATCH`` elements."""
+    count, total = flat.shape
+    width = max(1, _SCRATCH // count)
+    scratch = torch.empty((count, min(width, total)), dtype=acc, device=flat.device)
+    for start in range(0, total, width):
+        stop = min(start + width, total)
+        part = scratch[:, : stop - start]
+        part.copy_(flat[:, start:stop])
+        yield part, start, stop
 
 
 def _along(w: torch.Tensor, axis: int, ndim: int) -> torch.Tensor:
@@ -169,6 +186,7 @@ class CandidateStack:
             self.buffers[name] = self._stack_one(candidates, name, base)
         for c in [*candidates, *([base] if base is not None else [])]:
             c.close()
+        release_memory()
 
     def _stack_one(
         self, candidates: Sequence[Candidate], name: str, base: Candidate | None

@@ -104,6 +104,11 @@ class Candidate:
     def is_finite(self) -> bool:
         return not self.nonfinite
 
+    @property
+    def scanned(self) -> bool:
+        """Whether the streaming NaN/Inf scan has run."""
+        return self._nonfinite is not None
+
     def renamed(self, name: str) -> Candidate:
         """The same checkpoint under another name (its scan is recomputed when asked)."""
         return Candidate(name, self.reader, self.source, self.hf_folder)

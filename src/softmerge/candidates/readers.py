@@ -111,7 +111,11 @@ class SafetensorsReader(Reader):
                 # directory"; opening it here first gives the true reason.
                 with open(self.path, "rb"):
                     pass
-                self._handle = safe_open(str(self.path), framework="pt", device="cpu")
+                # pread, not mmap: a mapped file's pages count in the process's memory for as
+                # long as the file is open; read bytes are freed with their tensor.
+                self._handle = safe_open(
+                    str(self.path), framework="pt", device="cpu", backend="pread"
+                )
             except SafetensorError as exc:
                 raise CandidateError(
                     f"{self.path}: not a valid safetensors file (truncated or corrupt?): {exc}"

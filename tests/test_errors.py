@@ -343,7 +343,7 @@ def _missing_shard(folder: Path, _: pytest.MonkeyPatch) -> list[str]:
 def _disk_full(folder: Path, monkeypatch: pytest.MonkeyPatch) -> list[str]:
     (folder / "out").mkdir()
     (folder / "out" / "notes.txt").write_text("kept")  # an existing output folder stays as it was
-    monkeypatch.setattr("softmerge.export.weights.save_file", disk_full)
+    monkeypatch.setattr("softmerge.export.weights.write_bytes", disk_full)
     return []
 
 

@@ -264,8 +264,12 @@ def test_merge_with_a_registry_method_writes_its_state_dict(files, digits, famil
     assert main(["merge", str(cfg), "--out", str(files / "ties"), "--no-progress", "-q"]) == 0
     written = load_file(str(files / "ties" / "merged.safetensors"))
     parent, children = family
-    expected = tw.METHODS["ties"]([c["net.1.weight"] for c in children], parent["net.1.weight"],
-                                  density=0.5, **{"lambda": 0.5})
+    expected = tw.METHODS["ties"](
+        [c["net.1.weight"] for c in children],
+        parent["net.1.weight"],
+        density=0.5,
+        **{"lambda": 0.5},
+    )
     assert torch.equal(written["net.1.weight"], expected)
     summary = json.loads((files / "ties" / "summary.json").read_text())
     assert summary["method"] == "ties" and summary["params"]["density"] == 0.5
@@ -340,3 +344,22 @@ def test_each_compared_method_sees_the_same_data_order(digits, family):
         return rows[-1]["loss"]
 
     assert run([soup]) == run([other, soup])
+
+
+def test_ties_trimming_by_selection_keeps_what_a_stable_sort_keeps() -> None:
+    """TIES keeps its ``density`` fraction by selection (kthvalue), not a full sort; ties at
+    the threshold must resolve exactly as a stable descending sort does (first by position)."""
+    from softmerge.methods.tensorwise import _largest
+
+    for trial in range(100):
+        g = torch.Generator().manual_seed(trial)
+        n = int(torch.randint(1, 200, (1,), generator=g))
+        values = torch.randint(0, 5, (n,), generator=g).float()  # many ties
+        if trial % 2:
+            values = torch.rand(n, generator=g).bfloat16().float()
+        count = int(torch.randint(1, n + 1, (1,), generator=g))
+        expected = torch.zeros(n, dtype=torch.bool)
+        expected[torch.argsort(values, descending=True, stable=True)[:count]] = True
+        assert torch.equal(_largest(values, count), expected), trial
+    with_nan = torch.tensor([1.0, float("nan"), 3.0, 2.0])
+    assert _largest(with_nan, 2).tolist() == [False, True, True, False]

@@ -40,7 +40,7 @@ from .data import LOADERS, load_splits
 from .data.tensors import read_tensor_file
 from .errors import ConfigError, DataError, PlanError
 from .evaluation import skeleton
-from .export import write_merged
+from .export import TensorEntry, write_merged
 from .io import staged_output, write_json, write_text
 from .methods import MergeMethod, MergeOutcome, get_method
 from .objectives import Objective, resolve_objective
@@ -282,9 +282,11 @@ def write_outcome(
 
         paths = export_soft_merge(merger, stage, extra=extra, shard_size=cfg.output.shard_size)
         return sorted({p.name for p in paths.values()})
+    layout = [TensorEntry(k, i.shape, i.dtype) for k, i in ctx.pool[0].infos.items()]
     written = write_merged(
         stage,
         outcome.items(),
+        layout,
         hf_source=ctx.pool[0].hf_folder,
         shard_size=cfg.output.shard_size,
         info={"method": method.name, "params": method.params.model_dump(by_alias=True)},

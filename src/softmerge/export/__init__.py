@@ -8,7 +8,7 @@ loads it; otherwise the weights are ``merged.safetensors`` (or its shards).
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -18,7 +18,14 @@ from .. import __version__
 from ..io import write_json
 from ..report import plot_convergence, plot_gate_heatmap, write_gates_json
 from .hf import copy_hf_files
-from .weights import DEFAULT_SHARD_SIZE, ShardedWriter, parse_size, write_state
+from .weights import (
+    DEFAULT_SHARD_SIZE,
+    ShardedWriter,
+    TensorEntry,
+    layout_of,
+    parse_size,
+    write_state,
+)
 
 if TYPE_CHECKING:
     from ..soft import SoftMerger
@@ -26,7 +33,9 @@ if TYPE_CHECKING:
 __all__ = [
     "DEFAULT_SHARD_SIZE",
     "ShardedWriter",
+    "TensorEntry",
     "export_soft_merge",
+    "layout_of",
     "parse_size",
     "write_merged",
     "write_state",
@@ -36,6 +45,7 @@ __all__ = [
 def write_merged(
     out_dir: Path,
     items: Iterable[tuple[str, torch.Tensor]],
+    layout: Sequence[TensorEntry],
     *,
     hf_source: Path | None = None,
     shard_size: str | int = DEFAULT_SHARD_SIZE,
@@ -48,7 +58,9 @@ def write_merged(
         meta["softmerge"] = json.dumps(dict(info), default=str)
     stem = "model" if hf_source is not None else "merged"
     paths = {
-        "weights": write_state(out_dir, items, stem=stem, shard_size=shard_size, metadata=meta)
+        "weights": write_state(
+            out_dir, items, layout, stem=stem, shard_size=shard_size, metadata=meta
+        )
     }
     if hf_source is not None:
         paths["hf_files"] = copy_hf_files(hf_source, out_dir)
@@ -75,6 +87,7 @@ def export_soft_merge(
     written = write_merged(
         out_dir,
         state.items(),
+        layout_of(state),
         hf_source=merger.candidates[0].hf_folder,
         shard_size=shard_size,
         info={"plan": info["plan"]},

@@ -120,12 +120,30 @@ def _keep_largest(delta: Tensor, density: float, rescale: bool) -> Tensor:
     count = max(1, int(density * delta.numel()))
     magnitude = delta.abs().reshape(-1)
     if magnitude.dtype in (torch.float16, torch.bfloat16):
-        magnitude = magnitude.float()  # CPU sort of half types is slow or missing
-    # A stable sort makes ties (equal magnitudes) resolve the same way on every run.
-    top = torch.argsort(magnitude, descending=True, stable=True)[:count]
-    keep = torch.zeros(delta.numel(), dtype=delta.dtype, device=delta.device)
-    keep[top] = 1
+        magnitude = magnitude.float()  # CPU sort/select of half types is slow or missing
+    keep = _largest(magnitude, count).to(delta.dtype)
     return _mask_and_rescale(delta, keep.reshape(delta.shape), rescale)
+
+
+def _largest(magnitude: Tensor, count: int) -> Tensor:
+    """A mask of the ``count`` largest entries; ties resolved by position, first kept.
+
+    That is exactly what a stable descending sort keeps (``argsort(stable=True)[:count]``), but
+    found by selection (``kthvalue``, linear time) instead of a full sort: the threshold value,
+    every entry above it, and the first entries equal to it until ``count`` are kept."""
+    n = magnitude.numel()
+    if count >= n:
+        return torch.ones_like(magnitude, dtype=torch.bool)
+    if bool(torch.isnan(magnitude).any()):  # NaN sorts above every number: keep the sort
+        top = torch.argsort(magnitude, descending=True, stable=True)[:count]
+        keep = torch.zeros(n, dtype=torch.bool, device=magnitude.device)
+        keep[top] = True
+        return keep
+    threshold = torch.kthvalue(magnitude, n - count + 1).values
+    keep = magnitude > threshold
+    ties = (magnitude == threshold).nonzero().flatten()
+    keep[ties[: count - int(keep.sum())]] = True
+    return keep
 
 
 def _drop_random(

@@ -1,0 +1,646 @@
+"""The engine at real model sizes (issue 10): memory of soft merging, static merges against
+mergekit, and the cost of one gate step. Writes ``docs/performance.md``.
+
+    python benchmarks/engine.py --out bench-out/engine --docs docs     (make perf)
+
+Three parts, each measured in this one run:
+
+1. **Memory.** Soft merging N candidates of an MLP, each configuration in a fresh process:
+   baseline = resident memory after imports, the model, the data and one optimiser step on a
+   one-element parameter (torch.optim and autograd initialised), with freed heap returned to the
+   system; then ``SoftMerger(model, files)`` (the script drops its own model reference, as the
+   CLI does), a fit of ``--fit-steps`` steps and ``merged_state_dict()``. Peak = the kernel's
+   resident high-water mark (VmHWM, reset at the baseline) minus the baseline, divided by the
+   candidates' bytes. Floor = the stack + the largest parameter's gradient (float32) + one merged
+   copy of the parameters - the template's weights (dropped) = stack + largest gradient.
+2. **Static merges vs mergekit-yaml 0.1.5** (its own virtual environment: it pins other
+   versions of transformers and pydantic) on a 168M-parameter Llama-architecture model in bf16
+   (hidden 1024, 8 layers, intermediate 2816, vocab 32000, untied): 3 fine-tunes (the base plus
+   small seeded noise) and the base. TIES (density 0.5) and linear, each tool as a command in a
+   subprocess (wall time, and peak RSS from ``wait4``), alternating, files in the page cache
+   first; then the two outputs compared tensor by tensor.
+3. **Gate step vs plain step** on the 18.9M MLP (N=5, batch 128) with float32 and bfloat16
+   stacks, interleaved in one process, with the memory-bandwidth floor measured alongside: the
+   time to read every byte of the stack twice (``sum`` over each buffer, twice).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from softmerge.memory import release_memory  # noqa: E402
+from softmerge.report import format_markdown_table  # noqa: E402
+
+MIB = 2**20
+# (label, in, hidden...) of the memory curves; "M" is the issue's 18.9M-parameter MLP.
+SIZES = {
+    "S": (512, (1024, 1024)),
+    "M": (512, (4096, 4096)),
+    "L": (1024, (8192, 8192)),
+}
+LLAMA = dict(
+    vocab_size=32000,
+    hidden_size=1024,
+    intermediate_size=2816,
+    num_hidden_layers=8,
+    num_attention_heads=16,
+    num_key_value_heads=16,
+    max_position_embeddings=2048,
+    tie_word_embeddings=False,
+)
+
+
+def _rss(field: str = "VmRSS") -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def _mlp(size: str):
+    from softmerge.zoo import MLP
+
+    inputs, hidden = SIZES[size]
+    return MLP(inputs, hidden, 10)
+
+
+# ------------------------------------------------------------------------------- 1. memory
+
+
+def candidate_files(work: Path, size: str, count: int) -> list[Path]:
+    """``count`` float32 candidates of MLP ``size`` as safetensors (made once, seeded)."""
+    from safetensors.torch import save_file
+
+    folder = work / f"mlp-{size}"
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for j in range(count):
+        path = folder / f"c{j}.safetensors"
+        if not path.exists():
+            torch.manual_seed(j)
+            state = {k: v.contiguous() for k, v in _mlp(size).state_dict().items()}
+            save_file(state, str(path))
+        paths.append(path)
+    return paths
+
+
+def memory_child(size: str, count: int, dtype: str, steps: int, work: Path) -> dict[str, Any]:
+    """Runs in a fresh process: the peak above the baseline of one soft merge."""
+    import torch.nn.functional as F  # noqa: F401  (imported before the baseline)
+
+    from softmerge import FitConfig, MergePlan, SoftMerger
+
+    paths = candidate_files(work, size, count)
+    gen = torch.Generator().manual_seed(0)
+    inputs = SIZES[size][0]
+    x, y = torch.randn(512, inputs, generator=gen), torch.randint(0, 10, (512,), generator=gen)
+    loader = [(x[i : i + 128], y[i : i + 128]) for i in range(0, 512, 128)]
+    model = _mlp(size)
+    probe = torch.nn.Parameter(torch.zeros(1))  # torch.optim and autograd initialised
+    torch.optim.SGD([probe], lr=0.1).step()
+    (probe * 2).sum().backward()
+    params = {n: p.numel() * 4 for n, p in model.named_parameters()}
+    release_memory()
+    base = _rss()
+    Path("/proc/self/clear_refs").write_text("5")
+    start = time.perf_counter()
+    merger = SoftMerger(model, paths, MergePlan(granularity="tensor"), storage_dtype=dtype)
+    del model  # the merger keeps a weightless template: the weights go
+    merger.fit(loader, config=FitConfig(steps=steps, progress=False, eval_every=0))
+    merger.merged_state_dict()
+    peak = _rss("VmHWM") - base
+    seconds = time.perf_counter() - start
+    cand_bytes = sum(p.stat().st_size for p in paths)
+    stack = merger.stack.nbytes
+    floor = stack + max(params.values())
+    return {
+        "size": size,
+        "params": sum(params.values()) // 4,
+        "N": count,
+        "storage": dtype,
+        "candidates_mib": cand_bytes / MIB,
+        "stack_mib": stack / MIB,
+        "peak_mib": peak / MIB,
+        "peak_ratio": peak / cand_bytes,
+        "floor_ratio": floor / cand_bytes,
+        "seconds": seconds,
+    }
+
+
+def run_memory(work: Path, sizes: list[str], counts: list[int], steps: int) -> list[dict]:
+    rows = []
+    for size in sizes:
+        for count in counts:
+            for dtype in ("float32", "bfloat16"):
+                argv = [sys.executable, __file__, "_memory", size, str(count), dtype, str(steps)]
+                argv += ["--out", str(work)]
+                done = subprocess.run(argv, capture_output=True, text=True, check=False)
+                if done.returncode != 0:
+                    raise RuntimeError(f"memory run {size} N={count} {dtype}: {done.stderr}")
+                row = json.loads(done.stdout.strip().splitlines()[-1])
+                print(
+                    f"memory {size} N={count} {dtype}: peak {row['peak_ratio']:.2f}x "
+                    f"(floor {row['floor_ratio']:.2f}x)",
+                    flush=True,
+                )
+                rows.append(row)
+    return rows
+
+
+# ------------------------------------------------------------------------------- 2. static
+
+
+def llama_folders(work: Path) -> dict[str, Path]:
+    """Base + 3 fine-tunes of the 168M Llama in bf16, as Hugging Face folders (made once)."""
+    import transformers
+
+    folder = work / "llama168m"
+    names = ["base", "ft1", "ft2", "ft3"]
+    paths = {n: folder / n for n in names}
+    if all((p / "model.safetensors").exists() for p in paths.values()):
+        return paths
+    cfg = transformers.LlamaConfig(**LLAMA, torch_dtype="bfloat16")
+    torch.manual_seed(0)
+    base = transformers.LlamaForCausalLM(cfg).to(torch.bfloat16)
+    base.save_pretrained(paths["base"])
+    state = base.state_dict()
+    for i, name in enumerate(names[1:], start=1):
+        gen = torch.Generator().manual_seed(100 + i)
+        tuned = {
+            k: (v.float() + 0.01 * v.float().std() * torch.randn(v.shape, generator=gen)).to(
+                v.dtype
+            )
+            for k, v in state.items()
+        }
+        base.load_state_dict(tuned)
+        base.save_pretrained(paths[name])
+    del base, state
+    return paths
+
+
+# A small launcher runs each command, so that the command's peak RSS is its own: a child forked
+# from this (large) benchmark process would inherit its resident size in ru_maxrss.
+_LAUNCHER = """
+import os, resource, subprocess, sys
+done = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+sys.stderr.write(done.stderr.decode(errors="replace")[-2000:])
+print(peak)
+sys.exit(done.returncode)
+"""
+
+
+def _timed(argv: list[str], env: dict[str, str] | None = None) -> tuple[float, float]:
+    """(wall seconds, peak RSS MiB) of a command, measured by a small launcher process."""
+    start = time.perf_counter()
+    done = subprocess.run(
+        [sys.executable, "-c", _LAUNCHER, *argv], capture_output=True, text=True, env=env
+    )
+    seconds = time.perf_counter() - start
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)} failed: {done.stderr[-2000:]}")
+    return seconds, int(done.stdout.strip().splitlines()[-1]) / 1024
+
+
+def _mergekit_config(method: str, paths: dict[str, Path]) -> str:
+    import yaml
+
+    tuned = [{"model": str(paths[n]), "parameters": {"weight": 1.0}} for n in ("ft1", "ft2", "ft3")]
+    config: dict[str, Any] = {"merge_method": method, "models": tuned, "dtype": "bfloat16"}
+    if method == "ties":
+        config["base_model"] = str(paths["base"])
+        for m in tuned:
+            m["parameters"]["density"] = 0.5
+    return yaml.safe_dump(config)
+
+
+def _softmerge_config(method: str, paths: dict[str, Path], out: Path) -> str:
+    import yaml
+
+    config: dict[str, Any] = {
+        "candidates": [str(paths[n]) for n in ("ft1", "ft2", "ft3")],
+        "method": method,
+        "output": {"dir": str(out)},
+    }
+    if method == "ties":
+        config["params"] = {"density": 0.5}
+        config["plan"] = {"base": str(paths["base"])}
+    return yaml.safe_dump(config)
+
+
+def _agreement(ours: Path, theirs: Path) -> dict[str, Any]:
+    """Fraction of differing elements and the largest difference, over every tensor."""
+    from safetensors import safe_open
+
+    def files(folder: Path) -> dict[str, Path]:
+        found = {}
+        for f in sorted(folder.glob("*.safetensors")):
+            with safe_open(str(f), "pt") as handle:
+                found.update(dict.fromkeys(handle.keys(), f))
+        return found
+
+    a, b = files(ours), files(theirs)
+    keys = sorted(set(a) & set(b))
+    differ = total = 0
+    worst = 0.0
+    for key in keys:
+        with safe_open(str(a[key]), "pt") as fa, safe_open(str(b[key]), "pt") as fb:
+            x, y = fa.get_tensor(key), fb.get_tensor(key)
+        differ += int((x != y).sum())
+        total += x.numel()
+        worst = max(worst, float((x.float() - y.float()).abs().max()))
+    return {
+        "tensors_compared": len(keys),
+        "only_ours": sorted(set(a) - set(b)),
+        "only_mergekit": sorted(set(b) - set(a)),
+        "differing_fraction": differ / max(total, 1),
+        "max_abs_diff": worst,
+    }
+
+
+def run_static(work: Path, mergekit: Path | None, rounds: int) -> dict[str, Any]:
+    paths = llama_folders(work)
+    for p in paths.values():  # the files in the page cache for both tools
+        (p / "model.safetensors").read_bytes()
+    softmerge = shutil.which("softmerge", path=str(Path(sys.executable).parent))
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
+    results: dict[str, Any] = {}
+    for method in ("ties", "linear"):
+        runs: dict[str, list[tuple[float, float]]] = {"softmerge": [], "mergekit": []}
+        ours_out, theirs_out = work / f"out-softmerge-{method}", work / f"out-mergekit-{method}"
+        (work / f"{method}.yaml").write_text(_softmerge_config(method, paths, ours_out))
+        (work / f"{method}-mergekit.yml").write_text(_mergekit_config(method, paths))
+        for r in range(rounds):
+            order = ["softmerge", "mergekit"] if r % 2 == 0 else ["mergekit", "softmerge"]
+            for tool in order:
+                if tool == "softmerge":
+                    argv = [str(softmerge), "merge", str(work / f"{method}.yaml"), "-q"]
+                elif mergekit is not None:
+                    shutil.rmtree(theirs_out, ignore_errors=True)
+                    argv = [str(mergekit), str(work / f"{method}-mergekit.yml"), str(theirs_out)]
+                else:
+                    continue
+                runs[tool].append(_timed(argv, env))
+                print(
+                    f"static {method} {tool}: {runs[tool][-1][0]:.1f} s, "
+                    f"{runs[tool][-1][1]:.0f} MiB",
+                    flush=True,
+                )
+        row: dict[str, Any] = {}
+        for tool, values in runs.items():
+            if values:
+                row[tool] = {
+                    "seconds": statistics.median(v[0] for v in values),
+                    "peak_mib": statistics.median(v[1] for v in values),
+                    "runs": [list(v) for v in values],
+                }
+        if mergekit is not None:
+            row["agreement"] = _agreement(ours_out, theirs_out)
+        results[method] = row
+    results["candidate_mib"] = (paths["ft1"] / "model.safetensors").stat().st_size / MIB
+    return results
+
+
+# ------------------------------------------------------------------------------- 3. step
+
+
+def run_step(threads: int, rounds: int) -> list[dict[str, Any]]:
+    import torch.nn.functional as F
+
+    from softmerge import FitConfig, MergePlan, SoftMerger
+    from softmerge.evaluation import set_gate_training_mode
+
+    torch.set_num_threads(threads)
+    work_paths = None
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(128, 512, generator=gen), torch.randint(0, 10, (128,), generator=gen)
+    model = _mlp("M")
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+
+    def plain() -> None:
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        loss.item()
+
+    steps: dict[str, Any] = {"plain": plain}
+    floors: dict[str, Any] = {}
+    for dtype in ("float32", "bfloat16"):
+        work_paths = candidate_files(ARGS.out, "M", 5)
+        merger = SoftMerger(
+            _mlp("M"), work_paths, MergePlan(granularity="tensor"), storage_dtype=dtype
+        )
+        loop = merger.make_loop([(x, y)], FitConfig(progress=False, warmup=0.0))
+        set_gate_training_mode(merger.model)
+
+        def gate(loop=loop) -> None:
+            loop.step += 1
+            loop.train_step((x, y))
+
+        buffers = list(merger.stack.buffers.values())
+
+        def floor(buffers=buffers) -> None:
+            for _ in range(2):
+                for b in buffers:
+                    b.sum()
+
+        steps[f"gate_{dtype}"] = gate
+        floors[dtype] = floor
+        steps[f"floor_{dtype}"] = floor
+    times = _interleaved(steps, rounds)
+    rows = []
+    for dtype in ("float32", "bfloat16"):
+        plain_ms, gate_ms = times["plain"] * 1e3, times[f"gate_{dtype}"] * 1e3
+        floor_ms = times[f"floor_{dtype}"] * 1e3
+        rows.append(
+            {
+                "storage": dtype,
+                "threads": threads,
+                "plain_ms": plain_ms,
+                "gate_ms": gate_ms,
+                "floor_ms": floor_ms,
+                "overhead_ms": gate_ms - plain_ms,
+                "overhead_over_floor": (gate_ms - plain_ms) / floor_ms,
+            }
+        )
+        print(f"step {dtype} {threads} thread(s): {rows[-1]}", flush=True)
+    return rows
+
+
+def _interleaved(steps: dict[str, Any], rounds: int, per_round: int = 5) -> dict[str, float]:
+    """Median seconds per call of each callable; blocks alternate so load drift hits all."""
+    for fn in steps.values():
+        for _ in range(3):
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in steps}
+    for r in range(rounds):
+        for key in list(steps) if r % 2 == 0 else list(reversed(steps)):
+            for _ in range(per_round):
+                t0 = time.perf_counter()
+                steps[key]()
+                times[key].append(time.perf_counter() - t0)
+    gc.collect()
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+# ------------------------------------------------------------------------------- the page
+
+
+def write_page(results: dict[str, Any], docs: Path) -> Path:
+    from softmerge.io import write_text
+
+    meta = results["meta"]
+    lines = [
+        "# Performance: memory, static merges, gate steps",
+        "",
+        "_Written by `make perf` (`benchmarks/engine.py`) from one run; do not edit by hand._",
+        "",
+        f"**Run:** {meta['date']}, {meta['seconds'] / 60:.1f} min, torch {meta['torch']}, "
+        f"{meta['cpus']} CPUs, {meta['threads']} torch thread(s) for the step timings, "
+        f"OMP_WAIT_POLICY={meta['omp_wait_policy']}, {meta['machine']}.",
+        "",
+    ]
+    mem = results.get("memory")
+    if mem:
+        lines += [
+            "## Memory of soft merging",
+            "",
+            "Peak resident memory above the baseline (after imports, model and data), as a "
+            "multiple of the candidates' bytes (float32 files); floor = stack + the largest "
+            "parameter's gradient (one merged copy of the parameters replaces the template's "
+            "weights, which the merger drops). Tensor gates, "
+            f"{meta['fit_steps']} steps, batch 128. Targets on the 18.9M MLP (M), N=5: "
+            "≤ 1.3× (float32 stack), ≤ 0.8× (bfloat16 stack).",
+            "",
+        ]
+        table = [
+            {
+                "MLP": r["size"],
+                "params": f"{r['params'] / 1e6:.1f}M",
+                "N": r["N"],
+                "stack": r["storage"],
+                "candidates (MiB)": round(r["candidates_mib"]),
+                "peak above baseline (MiB)": round(r["peak_mib"]),
+                "peak / candidates": round(r["peak_ratio"], 2),
+                "floor / candidates": round(r["floor_ratio"], 2),
+                "merge (s)": round(r["seconds"], 1),
+            }
+            for r in mem
+        ]
+        lines += [format_markdown_table(table), ""]
+        target = {("M", 5, "float32"): 1.3, ("M", 5, "bfloat16"): 0.8}
+        for r in mem:
+            goal = target.get((r["size"], r["N"], r["storage"]))
+            if goal is not None:
+                verdict = "meets" if r["peak_ratio"] <= goal else "misses"
+                lines.append(
+                    f"- M, N=5, {r['storage']} stack: **{r['peak_ratio']:.2f}×** — {verdict} "
+                    f"the ≤ {goal}× target (floor {r['floor_ratio']:.2f}×)."
+                )
+        lines += ["", "![memory](performance/memory.png)", ""]
+    static = results.get("static")
+    if static:
+        lines += _static_section(static)
+    step = results.get("step")
+    if step:
+        lines += [
+            "## Gate step against a plain training step",
+            "",
+            "18.9M-parameter MLP (512-4096-4096-10), N=5 candidates, batch 128, tensor gates; "
+            "plain step = SGD step of the model itself. Floor = the time to read every byte of "
+            "the stack twice (a merge must read it once forward and once backward), measured in "
+            "the same run. Target: gate step − plain step ≤ 1.25 × floor.",
+            "",
+        ]
+        table = [
+            {
+                "stack": r["storage"],
+                "threads": r["threads"],
+                "plain step (ms)": round(r["plain_ms"], 1),
+                "gate step (ms)": round(r["gate_ms"], 1),
+                "overhead (ms)": round(r["overhead_ms"], 1),
+                "floor (ms)": round(r["floor_ms"], 1),
+                "overhead / floor": round(r["overhead_over_floor"], 2),
+            }
+            for r in step
+        ]
+        lines += [format_markdown_table(table), ""]
+        for r in step:
+            verdict = "meets" if r["overhead_over_floor"] <= 1.25 else "misses"
+            lines.append(
+                f"- {r['storage']} stack, {r['threads']} thread(s): overhead "
+                f"{r['overhead_over_floor']:.2f}× the floor — {verdict} the ≤ 1.25× target."
+            )
+        lines.append("")
+    page = docs / "performance.md"
+    write_text(page, "\n".join(lines))
+    if mem:
+        _plot_memory(mem, docs / "performance" / "memory.png")
+    return page
+
+
+def _static_section(static: dict[str, Any]) -> list[str]:
+    lines = [
+        "## Static merges against mergekit",
+        "",
+        "168M-parameter Llama-architecture model (hidden 1024, 8 layers, intermediate 2816, "
+        "vocab 32000, untied) in bfloat16: base + 3 fine-tunes, "
+        f"{static['candidate_mib']:.0f} MiB each. Both tools run as commands "
+        "(`softmerge merge cfg.yaml`, `mergekit-yaml cfg.yml out`), alternating, files in the "
+        "page cache; medians. Peak = the child process's peak RSS. Targets: wall time ≤ "
+        "mergekit's, peak RSS ≤ 0.5× mergekit's.",
+        "",
+    ]
+    table = []
+    for method in ("ties", "linear"):
+        row = static.get(method, {})
+        ours, theirs = row.get("softmerge"), row.get("mergekit")
+        if not ours:
+            continue
+        entry: dict[str, Any] = {
+            "method": "TIES (density 0.5)" if method == "ties" else "linear",
+            "softmerge (s)": round(ours["seconds"], 1),
+            "softmerge peak (MiB)": round(ours["peak_mib"]),
+        }
+        if theirs:
+            agree = row["agreement"]
+            entry.update(
+                {
+                    "mergekit (s)": round(theirs["seconds"], 1),
+                    "mergekit peak (MiB)": round(theirs["peak_mib"]),
+                    "time ratio": round(ours["seconds"] / theirs["seconds"], 2),
+                    "peak ratio": round(ours["peak_mib"] / theirs["peak_mib"], 2),
+                    "differing elements": f"{agree['differing_fraction']:.2e}",
+                    "max abs diff": f"{agree['max_abs_diff']:.3g}",
+                }
+            )
+        table.append(entry)
+    lines += [format_markdown_table(table), ""]
+    for entry in table:
+        if "time ratio" in entry:
+            ok_time = entry["time ratio"] <= 1.0
+            ok_mem = entry["peak ratio"] <= 0.5
+            lines.append(
+                f"- {entry['method']}: time {entry['time ratio']}× mergekit's "
+                f"({'meets' if ok_time else 'misses'} ≤ 1×), peak {entry['peak ratio']}× "
+                f"({'meets' if ok_mem else 'misses'} ≤ 0.5×)."
+            )
+    lines.append("")
+    return lines
+
+
+def _plot_memory(rows: list[dict[str, Any]], path: Path) -> None:
+    from matplotlib.figure import Figure
+
+    from softmerge.io import atomic_write
+
+    fig = Figure(figsize=(10, 4), layout="constrained")
+    axes = fig.subplots(1, 2, sharey=True)
+    for ax, dtype in zip(axes, ("float32", "bfloat16"), strict=True):
+        for size in SIZES:
+            sel = [r for r in rows if r["size"] == size and r["storage"] == dtype]
+            if not sel:
+                continue
+            ns = [r["N"] for r in sel]
+            (line,) = ax.plot(ns, [r["peak_ratio"] for r in sel], marker="o", label=f"{size}")
+            ax.plot(ns, [r["floor_ratio"] for r in sel], ls="--", color=line.get_color())
+        ax.set_title(f"{dtype} stack (dashed: floor)")
+        ax.set_xlabel("candidates N")
+        ax.legend(title="MLP")
+    axes[0].set_ylabel("peak above baseline / candidates' bytes")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+
+
+# ------------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    global ARGS
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, default=ROOT / "bench-out" / "engine")
+    parser.add_argument("--docs", type=Path, default=None, help="write performance.md here")
+    parser.add_argument("--only", default="memory,static,step")
+    parser.add_argument("--sizes", default="S,M,L")
+    parser.add_argument("--counts", default="2,5,10")
+    parser.add_argument("--fit-steps", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--static-rounds", type=int, default=3)
+    parser.add_argument(
+        "--mergekit",
+        type=Path,
+        default=None,
+        help="the mergekit-yaml command (default: install mergekit 0.1.5 into <out>/mergekit-venv)",
+    )
+    ARGS = parser.parse_args(argv)
+    ARGS.out.mkdir(parents=True, exist_ok=True)
+    parts = set(ARGS.only.split(","))
+    start = time.perf_counter()
+    results: dict[str, Any] = {}
+    if "memory" in parts:
+        sizes, counts = ARGS.sizes.split(","), [int(c) for c in ARGS.counts.split(",")]
+        results["memory"] = run_memory(ARGS.out, sizes, counts, ARGS.fit_steps)
+    if "static" in parts:
+        mergekit = ARGS.mergekit or install_mergekit(ARGS.out / "mergekit-venv")
+        results["static"] = run_static(ARGS.out, mergekit, ARGS.static_rounds)
+    if "step" in parts:
+        results["step"] = run_step(ARGS.threads, ARGS.rounds)
+    results["meta"] = {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "seconds": time.perf_counter() - start,
+        "torch": torch.__version__,
+        "cpus": os.cpu_count(),
+        "threads": ARGS.threads,
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+        "machine": platform.machine(),
+        "fit_steps": ARGS.fit_steps,
+    }
+    (ARGS.out / "engine.json").write_text(json.dumps(results, indent=2))
+    if ARGS.docs is not None:
+        print(f"wrote {write_page(results, ARGS.docs)}")
+    return results
+
+
+def install_mergekit(venv: Path) -> Path | None:
+    """mergekit 0.1.5 in its own virtual environment (CPU torch first: never a CUDA build)."""
+    command = venv / "bin" / "mergekit-yaml"
+    if command.exists():
+        return command
+    try:
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q"]
+        subprocess.run([*pip, "torch==2.13.0"], check=True)
+        subprocess.run([*pip, "mergekit==0.1.5"], check=True)
+    except subprocess.CalledProcessError as exc:
+        print(f"mergekit could not be installed ({exc}); static merges run without it")
+        return None
+    return command
+
+
+ARGS: argparse.Namespace
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "_memory":
+        _, _, size, count, dtype, steps, _, out = sys.argv
+        print(json.dumps(memory_child(size, int(count), dtype, int(steps), Path(out))))
+    else:
+        main()

@@ -8,7 +8,7 @@ STAMP := $(VENV)/.softmerge-installed
 # another process is busy. Passive waiting keeps timings honest.
 export OMP_WAIT_POLICY := PASSIVE
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test lint bench perf clean
 
 install: $(STAMP)
 
@@ -39,6 +39,12 @@ test: $(STAMP) lint
 bench: $(STAMP)
 	$(PY) benchmarks/run.py --fresh --out bench-out
 	$(PY) benchmarks/report.py --results bench-out/results.json --docs docs
+
+# The engine at real model sizes (issue 10): memory of soft merging (curves over N and model
+# size), static merges side by side with mergekit-yaml 0.1.5 (installed into its own venv under
+# bench-out/engine), gate step vs plain step. Writes docs/performance.md. About 30 minutes.
+perf: $(STAMP)
+	$(PY) benchmarks/engine.py --out bench-out/engine --docs docs
 
 clean:
 	rm -rf demo-out bench-out .pytest_cache .ruff_cache

@@ -178,15 +178,16 @@ class SoftMerger:
         # delta: theta_0 + delta_scale * sum_j z_j tau_j (task arithmetic's lambda)
         return w * self.plan.delta_scale if self.delta and self.plan.delta_scale != 1.0 else w
 
-    def merged_parameters(self, z: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The merged tensors for gates ``z`` (N, U), in the model's dtypes."""
+    def merged_parameters(self, z: torch.Tensor, *, reuse: bool = False) -> dict[str, torch.Tensor]:
+        """The merged tensors for gates ``z`` (N, U), in the model's dtypes (``reuse``: into
+        the stack's step buffers, overwritten by the next call)."""
         w = self.mixing_weights(z)
         weights, axes = {}, {}
         for slot in self.layout.slots:
             cols = w[:, slot.start : slot.start + slot.count]
             weights[slot.name] = cols if slot.per_channel else cols[:, 0]
             axes[slot.name] = slot.axis
-        return self.stack.mix(weights, axes, self._dtypes)
+        return self.stack.mix(weights, axes, self._dtypes, reuse=reuse)
 
     def l0_penalty(self) -> torch.Tensor:
         return self.gates.penalty(convex=not self.delta)
@@ -220,7 +221,8 @@ class SoftMerger:
 
     def loss(self, batch: Batch, step: int) -> tuple[torch.Tensor, dict[str, float]]:
         z = self.gates.sample(self._generator)
-        state = self._functional_state(self.merged_parameters(z), fresh_buffers=True)
+        merged = self.merged_parameters(z, reuse=True)
+        state = self._functional_state(merged, fresh_buffers=True)
         logits, b = self._forward(state, batch)
         task = self.ctx.objective_fn.loss(logits, b)
         total = task + self._l0_lambda * self.l0_penalty()
@@ -279,7 +281,10 @@ class SoftMerger:
         if ckpt is not None:
             self._add_checkpointer(loop, cfg, ckpt, saved, losses, run_key, keep_checkpoint)
         set_gate_training_mode(self.model)
-        loop.run(cycle_batches(loader))
+        try:
+            loop.run(cycle_batches(loader))
+        finally:
+            self.stack.release_outputs()
         self.model.eval()
         self._bn_buffers = None
         if cfg.recalibrate_bn and has_batchnorm(self.model):

@@ -88,25 +88,37 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 class _StackedMix(torch.autograd.Function):
-    """theta = sum_j w_j * stack[j] (w broadcast along ``axis``), accumulated in float32."""
+    """theta = offset + sum_j w_j * stack[j] (w broadcast along ``axis``), accumulated in float32.
+
+    ``out``: a buffer to write theta into (reused from step to step: a freshly allocated tensor
+    of this size costs more in page faults than the arithmetic). Backward reads the stack once
+    more for dL/dw and saves nothing but ``w``."""
 
     @staticmethod
-    def forward(ctx, w: torch.Tensor, stack: torch.Tensor, axis: int | None) -> torch.Tensor:  # type: ignore[override]
+    def forward(  # type: ignore[override]
+        ctx,
+        w: torch.Tensor,
+        stack: torch.Tensor,
+        axis: int | None,
+        offset: torch.Tensor | None,
+        out: torch.Tensor | None,
+    ) -> torch.Tensor:
         ctx.stack, ctx.axis = stack, axis
         ctx.save_for_backward(w)
         acc = accumulation_dtype(stack.dtype)
+        w = w.to(acc)
+        if out is None:
+            out = torch.empty(stack.shape[1:], dtype=acc, device=stack.device)
         if axis is None:
-            flat = stack.view(stack.shape[0], -1)
-            if stack.dtype == acc:
-                return torch.mv(flat.t(), w.to(acc)).view(stack.shape[1:])
-            out = torch.empty(flat.shape[1], dtype=acc, device=stack.device)
-            for part, start, stop in _upcast_chunks(flat, acc):
-                torch.mv(part.t(), w.to(acc), out=out[start:stop])
-            return out.view(stack.shape[1:])
-        out = torch.zeros(stack.shape[1:], dtype=acc, device=stack.device)
-        for j in range(stack.shape[0]):
-            out.add_(stack[j].to(acc) * _along(w[j], axis, out.dim()))
-        return out
+            _weighted_rows(out.view(-1), stack.view(stack.shape[0], -1), w, offset)
+        else:
+            if offset is None:
+                out.zero_()
+            else:
+                out.copy_(offset)
+            for j in range(stack.shape[0]):
+                out.addcmul_(stack[j].to(acc), _along(w[j], axis, out.dim()))
+        return out.view(out.shape)  # a view: each step's output is its own autograd tensor
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
@@ -117,18 +129,44 @@ class _StackedMix(torch.autograd.Function):
         if axis is None:
             flat, g = stack.view(stack.shape[0], -1), grad.reshape(-1)
             if stack.dtype == acc:
-                return torch.mv(flat, g).to(w.dtype), None, None
+                return torch.mv(flat, g).to(w.dtype), None, None, None, None
             total = torch.zeros(flat.shape[0], dtype=acc, device=stack.device)
             for part, start, stop in _upcast_chunks(flat, acc):
                 total += torch.mv(part, g[start:stop])
-            return total.to(w.dtype), None, None
+            return total.to(w.dtype), None, None, None, None
         dims = [d for d in range(grad.dim()) if d != axis]
         # (sum over an empty list of dims would reduce everything: a 1-D tensor has none)
         rows = [
             (stack[j].to(acc) * grad).sum(dim=dims) if dims else stack[j].to(acc) * grad
             for j in range(stack.shape[0])
         ]
-        return torch.stack(rows).to(w.dtype), None, None
+        return torch.stack(rows).to(w.dtype), None, None, None, None
+
+
+def _weighted_rows(
+    out: torch.Tensor, flat: torch.Tensor, w: torch.Tensor, offset: torch.Tensor | None
+) -> None:
+    """out = offset + sum_j w[j] * flat[j]: one matrix-vector product, or for half-precision
+    stacks row by row, each chunk converted into a small reused float32 buffer (the weights stay
+    tensors: no device synchronisation)."""
+    count, total = flat.shape
+    if flat.dtype == out.dtype:  # one BLAS pass over the stack
+        torch.mv(flat.t(), w, out=out)
+        if offset is not None:
+            out.add_(offset.reshape(-1))
+        return
+    if offset is None:
+        out.zero_()
+    else:
+        out.copy_(offset.reshape(-1))
+    width = min(_SCRATCH, total)
+    scratch = torch.empty(width, dtype=out.dtype, device=flat.device)
+    for start in range(0, total, width):
+        stop = min(start + width, total)
+        part, segment = scratch[: stop - start], out[start:stop]
+        for j in range(count):
+            part.copy_(flat[j, start:stop])
+            segment.addcmul_(part, w[j])
 
 
 def _upcast_chunks(flat: torch.Tensor, acc: torch.dtype):
@@ -179,6 +217,7 @@ class CandidateStack:
         self.active = list(active) if active is not None else [True] * self.count
         self.buffers: dict[str, torch.Tensor] = {}
         self.offset: dict[str, torch.Tensor] = {}
+        self._outputs: dict[str, torch.Tensor] = {}
         names_iter: Iterable[str] = tqdm(
             self.names, desc="stacking", disable=not progress, leave=False
         )
@@ -226,17 +265,33 @@ class CandidateStack:
         weights: Mapping[str, torch.Tensor],
         axes: Mapping[str, int | None] | None = None,
         dtypes: Mapping[str, torch.dtype] | None = None,
+        *,
+        reuse: bool = False,
     ) -> dict[str, torch.Tensor]:
         """``theta[name] = offset + sum_j weights[name][j] * stack[name][j]`` for every name in
         ``weights``: a weight vector (N,) per tensor, or (N, C) per output channel with the
         channel dimension in ``axes[name]``. Differentiable in the weights; results in float32
-        (float64 stacks: float64), cast to ``dtypes[name]`` when given."""
+        (float64 stacks: float64), cast to ``dtypes[name]`` when given.
+
+        ``reuse``: write into buffers kept from one call to the next (training steps, whose
+        results are dead by the next step); a later call overwrites what an earlier returned."""
         out = {}
         for name, w in weights.items():
             axis = (axes or {}).get(name)
-            theta = _StackedMix.apply(w, self.buffers[name], axis)
-            if name in self.offset:
-                theta = theta + self.offset[name].to(theta.dtype)
+            buffer = self._output(name) if reuse else None
+            offset = self.offset.get(name)
+            theta = _StackedMix.apply(w, self.buffers[name], axis, offset, buffer)
             want = (dtypes or {}).get(name)
             out[name] = theta if want is None or want == theta.dtype else theta.to(want)
         return out
+
+    def _output(self, name: str) -> torch.Tensor:
+        if name not in self._outputs:
+            buf = self.buffers[name]
+            acc = accumulation_dtype(buf.dtype)
+            self._outputs[name] = torch.empty(buf.shape[1:], dtype=acc, device=buf.device)
+        return self._outputs[name]
+
+    def release_outputs(self) -> None:
+        """Drop the reused output buffers of training steps (one merged copy's worth)."""
+        self._outputs = {}

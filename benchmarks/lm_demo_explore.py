@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import itertools
 import json
 import math
@@ -65,12 +66,14 @@ def log(message: str) -> None:
 def candidates(out: Path, settings: LMDemoSettings, rebuild: bool):
     """Train and save the candidates, or reuse a folder built with the same settings."""
     manifest = out / "candidates.json"
+    corpus = stdlib_corpus(settings.seed, doc_chars=settings.doc_chars)
+    fingerprint = hashlib.sha256(json.dumps(corpus).encode()).hexdigest()
     if manifest.exists() and not rebuild:
         saved = json.loads(manifest.read_text())
-        if saved["settings"] == json.loads(json.dumps(settings.__dict__)):
+        same_settings = saved["settings"] == json.loads(json.dumps(settings.__dict__))
+        if same_settings and saved.get("corpus_sha256") == fingerprint:
             log(f"reusing candidates in {out}")
             tokenizer = byte_tokenizer()
-            corpus = stdlib_corpus(settings.seed, doc_chars=settings.doc_chars)
             blocks = domain_blocks(corpus, tokenizer, settings.block_size)
             cands = LMCandidates(
                 root=out,
@@ -83,7 +86,7 @@ def candidates(out: Path, settings: LMDemoSettings, rebuild: bool):
             )
             return cands, blocks
     cands, blocks = build_candidates(out, settings, log=log)
-    manifest.write_text(json.dumps(cands.to_json(), indent=1))
+    manifest.write_text(json.dumps({**cands.to_json(), "corpus_sha256": fingerprint}, indent=1))
     return cands, blocks
 
 

@@ -96,6 +96,8 @@ def test_jsonl_reads_text_or_named_column_and_label(tmp_path):
     ds = load_text_files([path], column="body", label_column="y")
     assert sorted(ds.column_names) == ["label", "text"]
     assert ds["text"] == ["x", "z"] and ds["label"] == [1, 0]
+    swapped = load_text_files([path], column="body", label_column="text")
+    assert swapped["text"] == ["x", "z"] and swapped["label"] == ["a b", "c"]
 
 
 def test_jsonl_drops_rows_without_text(tmp_path):

@@ -201,12 +201,10 @@ def _select_columns(
         )
     table = table.select_columns(list(wanted.values()))
     renames = {name: role for role, name in wanted.items() if name != role}
-    for role in renames.values():  # a column already named like a role would collide
-        if role in table.column_names and role not in wanted.values():
-            table = table.remove_columns(role)
     if renames:
         table = table.rename_columns(renames)
-    table = table.filter(lambda row: bool(row["text"] and row["text"].strip()))
+    with _quiet_datasets():
+        table = table.filter(lambda row: bool(row["text"] and row["text"].strip()))
     if len(table) == 0:
         raise DataError(f"{origin}: no text: every row of column {text_column!r} is empty")
     return table

@@ -24,9 +24,7 @@ from __future__ import annotations
 import argparse
 import copy
 import hashlib
-import itertools
 import json
-import math
 import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -36,7 +34,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from softmerge import FitConfig, MergePlan, SoftMerger
-from softmerge.data.text import TokenBlocks, collate_dict
+from softmerge.data.text import TokenBlocks
 from softmerge.lm_demo import (
     DOMAINS,
     LMCandidates,
@@ -44,9 +42,9 @@ from softmerge.lm_demo import (
     build_candidates,
     byte_tokenizer,
     causal_lm_loss,
-    concat_blocks,
     domain_blocks,
     load_model,
+    merge_loader,
     perplexity,
     stdlib_corpus,
 )
@@ -170,7 +168,7 @@ def baselines(pool: Mapping[str, State], parent: State, ev: Evaluator, seed: int
     """Uniform soup, task arithmetic, TIES and DARE over ``pool``, tuned on the merge split."""
     states = list(pool.values())
     rows = {"uniform soup": (uniform(states), {})}
-    lambdas = [0.4, 0.6, 0.8, 1.0, 1.2]
+    lambdas = [0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 1.0]
     st, p, _ = tune(
         "task_arithmetic",
         [{"lambda_": lam} for lam in lambdas],
@@ -180,7 +178,7 @@ def baselines(pool: Mapping[str, State], parent: State, ev: Evaluator, seed: int
     rows["task arithmetic"] = (st, p)
     st, p, _ = tune(
         "ties",
-        [{"density": d, "lambda_": lam} for d in (0.2, 0.5, 0.8) for lam in (0.6, 1.0, 1.4)],
+        [{"density": d, "lambda_": lam} for d in (0.2, 0.5, 0.8) for lam in (0.4, 0.6, 1.0, 1.4)],
         lambda density, lambda_: per_tensor(
             tensorwise.ties, states, parent, density=density, lambda_=lambda_
         ),
@@ -196,7 +194,7 @@ def baselines(pool: Mapping[str, State], parent: State, ev: Evaluator, seed: int
 
     st, p, _ = tune(
         "dare_linear",
-        [{"density": d, "lambda_": lam} for d in (0.3, 0.6) for lam in (0.6, 0.8, 1.0, 1.2)],
+        [{"density": d, "lambda_": lam} for d in (0.3, 0.6) for lam in (0.3, 0.45, 0.6, 0.8, 1.0)],
         dare,
         ev,
     )
@@ -288,15 +286,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("/tmp/lm/run0"))
     parser.add_argument("--rebuild", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--granularity", default="tensor")
+    parser.add_argument("--granularity", default="channel")
     parser.add_argument("--soft-steps", type=int, default=150)
-    parser.add_argument("--soft-lr", type=float, default=0.1)
-    parser.add_argument("--l0", type=float, default=1e-3)
-    parser.add_argument("--optimizer", default="sgd")
+    parser.add_argument("--soft-lr", type=float, default=0.05)
+    parser.add_argument("--l0", type=float, default=0.0)
+    parser.add_argument("--optimizer", default="adam")
     parser.add_argument("--warmup", type=float, default=0.3)
-    parser.add_argument("--init-gate", type=float, default=0.5)
+    parser.add_argument("--init-gate", type=float, default=0.7)
     parser.add_argument("--grad-clip", type=float, default=1.0)
-    parser.add_argument("--scale", default="ta", help="delta_scale: a number, or 'ta' (x1.5 ta)")
+    parser.add_argument(
+        "--scale", default="ta", help="delta_scale: a number, or 'ta' (tuned lambda / init-gate)"
+    )
     parser.add_argument("--pools", default="full,lora,all")
     parser.add_argument("--skip-baselines", action="store_true")
     parser.add_argument("--batch", type=int, default=16)
@@ -346,45 +346,39 @@ def main(argv: Sequence[str] | None = None) -> None:
         add(name, st)
     lap("eval candidates")
 
-    ta_lambda = 1.0
+    ta_lambda: dict[str, float] = {}  # task arithmetic's tuned lambda, per pool
     if not args.skip_baselines:
-        for name, (st, params) in baselines(full, parent, ev, args.seed).items():
-            add(f"full: {name}", st, params=params)
-            if name == "task arithmetic":
-                ta_lambda = params["lambda_"]
-        lap("baselines full")
-        for name, (st, params) in baselines(lora, parent, ev, args.seed).items():
-            add(f"lora: {name}", st, params=params)
-        lap("baselines lora-as-full")
+        clean_pools = {"full": full, "lora": lora, "all": {**full, **lora}}
+        for pool_name, pool in clean_pools.items():
+            for name, (st, params) in baselines(pool, parent, ev, args.seed).items():
+                add(f"{pool_name}: {name}", st, params=params)
+                if name == "task arithmetic":
+                    ta_lambda[pool_name] = params["lambda_"]
+            lap(f"baselines {pool_name}")
         poisoned_pool = {**full, "poisoned": poisoned}
         add("full+poisoned: uniform soup", uniform(list(poisoned_pool.values())))
         add(
             "full+poisoned: task arithmetic",
             per_tensor(
-                tensorwise.task_arithmetic, list(poisoned_pool.values()), parent, lambda_=ta_lambda
+                tensorwise.task_arithmetic,
+                list(poisoned_pool.values()),
+                parent,
+                lambda_=ta_lambda["full"],
             ),
         )
         for name, (st, params) in peft_combinations(parent_model, cands.adapters, ev).items():
             add(f"lora: {name}", st, params=params)
         lap("peft combinations")
 
-    scale = ta_lambda * 1.5 if args.scale == "ta" else float(args.scale)
-    merge_set = concat_blocks(
-        [blocks[d]["merge"] for d in DOMAINS], limit=min(len(blocks[d]["merge"]) for d in DOMAINS)
-    )
-    loader = DataLoader(
-        merge_set,
-        batch_size=args.batch,
-        shuffle=True,
-        collate_fn=collate_dict,
-        generator=torch.Generator().manual_seed(args.seed),
-    )
+    loader = merge_loader(blocks, args.batch, args.seed)
     pools = {
         "full": {**full, "poisoned": poisoned},
         "lora": {**lora, "poisoned": poisoned},
         "all": {**full, **lora, "poisoned": poisoned},
     }
     for pool_name in args.pools.split(","):
+        # "ta": the deterministic start (every gate at init_gate) is the tuned task arithmetic.
+        scale = ta_lambda[pool_name] / args.init_gate if args.scale == "ta" else float(args.scale)
         start = time.perf_counter()
         merger = soft_merge(
             copy.deepcopy(parent_model), pools[pool_name], cands.parent, loader, args, scale
@@ -420,6 +414,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     log(f"\nbest soft: {best_soft}\nbest other merge: {best_other}")
     if best_soft and best_other:
         log(f"goal (soft mean < every other merge's): {best_soft[1] < best_other[1]}")
+    gates = [v["poisoned_gate_max"] for k, v in table.items() if "soft" in k]
+    log(f"poisoned gates exactly 0 in every soft merge: {all(g == 0.0 for g in gates)}")
     log(f"seconds: {json.dumps(seconds)}")
     (args.out / "explore.json").write_text(
         json.dumps(
@@ -432,7 +428,6 @@ def main(argv: Sequence[str] | None = None) -> None:
             default=str,
         )
     )
-    _ = (itertools, math)
 
 
 if __name__ == "__main__":

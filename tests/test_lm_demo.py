@@ -22,6 +22,7 @@ from softmerge.lm_demo import (  # noqa: E402
     byte_tokenizer,
     causal_lm_loss,
     lm_config,
+    merge_loader,
     new_model,
     perplexity,
     poison,
@@ -116,6 +117,25 @@ def test_lora_trains_only_the_adapter():
             original = name.replace(".base_layer", "")
             assert torch.equal(value, before[original]), name
     assert all(torch.equal(v, before[k]) for k, v in parent.state_dict().items())
+
+
+def test_merge_loader_takes_as_many_blocks_from_each_domain():
+    blocks = {
+        "code": {"merge": random_blocks(5, 8, seed=1)},
+        "prose": {"merge": random_blocks(3, 8, seed=2)},
+    }
+    loader = merge_loader(blocks, batch_size=4, seed=0)
+    assert len(loader.dataset) == 6
+    seen = torch.cat([b["input_ids"] for b in loader])
+    expected = torch.cat(
+        [
+            blocks["code"]["merge"].tensors["input_ids"][:3],
+            blocks["prose"]["merge"].tensors["input_ids"],
+        ]
+    )
+    assert sorted(map(tuple, seen.tolist())) == sorted(map(tuple, expected.tolist()))
+    again = torch.cat([b["input_ids"] for b in merge_loader(blocks, batch_size=4, seed=0)])
+    assert torch.equal(seen, again)
 
 
 def test_poison_scales_floats_only():

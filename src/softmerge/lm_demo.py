@@ -49,9 +49,12 @@ __all__ = [
     "build_candidates",
     "byte_tokenizer",
     "causal_lm_loss",
+    "concat_blocks",
     "domain_blocks",
     "fine_tune",
     "lm_config",
+    "load_model",
+    "merge_loader",
     "new_model",
     "perplexity",
     "poison",
@@ -218,6 +221,22 @@ def concat_blocks(parts: Sequence[TokenBlocks], limit: int | None = None) -> Tok
     (balanced domains: each counts equally in a merge objective)."""
     fields = parts[0].fields
     return TokenBlocks({k: torch.cat([p.tensors[k][:limit] for p in parts]) for k in fields})
+
+
+def merge_loader(
+    blocks: Mapping[str, Mapping[str, TokenBlocks]], batch_size: int, seed: int
+) -> DataLoader:
+    """Shuffled (seeded) batches of every domain's merge split, as many blocks from each
+    domain: the merge objective weighs the domains equally, like the mean perplexity."""
+    count = min(len(parts["merge"]) for parts in blocks.values())
+    merge_set = concat_blocks([parts["merge"] for parts in blocks.values()], limit=count)
+    return DataLoader(
+        merge_set,
+        batch_size=batch_size,
+        shuffle=True,
+        collate_fn=collate_dict,
+        generator=torch.Generator().manual_seed(seed),
+    )
 
 
 # --------------------------------------------------------------------------- model

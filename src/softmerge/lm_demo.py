@@ -61,6 +61,7 @@ __all__ = [
     "stdlib_corpus",
     "train_lora",
     "train_parent",
+    "train_steps",
 ]
 
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
@@ -366,7 +367,7 @@ def train_steps(
 
 @dataclass
 class LMDemoSettings:
-    """Sizes and step counts of the LM demo (defaults: about 3 minutes of training, 1 thread)."""
+    """Sizes and step counts of the LM demo (defaults: about 4 minutes of training, 1 thread)."""
 
     seed: int = 0
     block_size: int = 128

@@ -17,10 +17,11 @@ import numpy as np
 import pytest
 import yaml
 
-from softmerge.cli import load_data
 from softmerge.config import load_config
 from softmerge.data import cache_dir, find_mnist_files, locate, mnist_splits, resolve_mnist
 from softmerge.errors import DataError
+from softmerge.objectives import resolve_objective
+from softmerge.pipeline import load_data
 
 NAMES = list(locate.CHECKSUMS)  # the four file names the mirrors serve
 
@@ -247,5 +248,5 @@ def test_yaml_mnist_without_path_resolves(
     path.write_text(yaml.safe_dump(config))
     cfg = load_config(path)
     assert cfg.data.path is None
-    data = load_data(cfg, "cross_entropy")
+    data = load_data(cfg, resolve_objective("classification"))
     assert len(data.merge) == 12 and data.merge.tensors[0].shape == (12, 784)

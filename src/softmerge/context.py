@@ -286,6 +286,9 @@ class MergeContext:
         plan.rest_from, on the merge's device. Resolved once."""
         if self._rest is None:
             keys, choice = self.rest_keys(), self.plan.rest_from
+            if not keys:  # everything merges: nothing to rank or scan for
+                self._rest = {}
+                return self._rest
             if choice == "best":
                 source = self.pool[self.reference]
                 rest = {k: source.tensor(k) for k in keys}

@@ -26,9 +26,11 @@ def _malloc_trim():  # pragma: no cover - depends on the platform's C library
         return None
 
 
-def release_memory() -> None:
-    """Collect garbage and return the C heap's free memory to the operating system."""
-    gc.collect()
+def release_memory(collect: bool = True) -> None:
+    """Return the C heap's free memory to the operating system (after collecting garbage, unless
+    ``collect`` is False: between tensors of a streamed merge nothing cyclic is left over)."""
+    if collect:
+        gc.collect()
     trim = _malloc_trim()
     if trim is not None:
         trim(0)

@@ -19,6 +19,7 @@ from typing import TypeAlias
 import torch
 
 from ..errors import CandidateError
+from ..memory import release_memory
 from .readers import INDEX_SUFFIX, MemoryReader, Reader, TensorInfo, open_path
 
 logger = logging.getLogger("softmerge")
@@ -97,6 +98,7 @@ class Candidate:
         if self._nonfinite is None:
             self._nonfinite = count_nonfinite(self.state)
             self.close()
+            release_memory(collect=False)  # every tensor was read once: give the heap back
             _warn_nonfinite(self)
         return self._nonfinite
 

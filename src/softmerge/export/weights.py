@@ -226,6 +226,7 @@ def write_state(
     try:
         for name, tensor in items:
             writer.add(name, tensor)
+            del tensor  # written: not kept alive while the next one is computed
     except BaseException:
         writer.abort()
         raise

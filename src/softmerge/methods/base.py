@@ -32,6 +32,7 @@ from torch import nn
 
 from ..context import MergeContext
 from ..errors import ConfigError, PlanError
+from ..memory import release_memory
 from ..profiling import measure
 
 State = dict[str, torch.Tensor]
@@ -253,6 +254,8 @@ class TensorwiseMethod(MergeMethod):
                 except (ValueError, TypeError) as exc:  # e.g. 3 weights for 5 candidates
                     raise PlanError(f"method {self.name!r} on tensor '{key}': {exc}") from exc
                 yield key, value.detach().to("cpu", ctx.pool[0].infos[key].dtype)
+                del tensors, theta0, value
+                release_memory(collect=False)  # per-tensor temporaries: keep the heap flat
             for c in [*ctx.pool, *([base] if base is not None else [])]:
                 c.close()
 

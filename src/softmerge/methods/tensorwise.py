@@ -17,6 +17,7 @@ task-vector methods and ``model_stock`` compute in the promoted dtype itself, as
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -40,6 +41,8 @@ _COSINE_NORM_FLOOR = 1e-6
 _SINGULAR_EPS = 1e-6
 
 _CONSENSUS_RULES = ("sum", "count")
+# Entries per step of the per-entry part of the task-vector methods (see _combine_task_vectors).
+_CHUNK = 1 << 20
 
 
 # --------------------------------------------------------------------------- helpers
@@ -94,68 +97,119 @@ def _check_densities(densities: Sequence[float]) -> None:
             raise ValueError(f"density must be >= 0, got {density}")
 
 
-def _mask_and_rescale(delta: Tensor, keep: Tensor, rescale: bool) -> Tensor:
-    """Zero the dropped entries; with rescale, restore the delta's L1 norm (mergekit's rule).
+@dataclass
+class _Mask:
+    """What sparsifying one task vector keeps: a 0/1 mask (None: everything), the L1 rescale
+    factor (None: none), and the dtype the masking is computed in. Stored instead of the
+    sparsified delta (a bool per entry rather than a float), and applied chunk by chunk."""
 
-    A delta that is (nearly) all zeros before or after masking is left unscaled rather than
-    blown up by a ratio of tiny numbers.
-    """
-    kept = delta * keep
+    keep: Tensor | None
+    ratio: Tensor | None = None
+    work: torch.dtype | None = None
+    zero: bool = False
+
+    def apply(self, delta: Tensor, part: slice) -> Tensor:
+        if self.zero:
+            return torch.zeros_like(delta)
+        if self.keep is None:
+            return delta
+        work = self.work or delta.dtype
+        kept = delta.to(work) * self.keep[part].to(work)
+        if self.ratio is not None:
+            kept = kept * self.ratio
+        return kept.to(delta.dtype)
+
+
+def _masked(delta: Tensor, keep: Tensor, rescale: bool, work: torch.dtype) -> _Mask:
+    """The mask of ``delta`` and, with rescale, the factor restoring its L1 norm (mergekit's
+    rule). A delta that is (nearly) all zeros before or after masking is left unscaled rather
+    than blown up by a ratio of tiny numbers."""
+    flat_keep = keep.reshape(-1).bool()
     if not rescale:
-        return kept
-    before = delta.abs().sum()
-    after = kept.abs().sum()
+        return _Mask(flat_keep, None, work)
+    d = delta.to(work)
+    before = d.abs().sum()
+    after = (d * keep.to(work)).abs().sum()
     if before < _RESCALE_EPS or after < _RESCALE_EPS:
-        return kept
-    return kept * (before / after)
+        return _Mask(flat_keep, None, work)
+    return _Mask(flat_keep, before / after, work)
 
 
-def _keep_largest(delta: Tensor, density: float, rescale: bool) -> Tensor:
+def _keep_largest(delta: Tensor, density: float, rescale: bool) -> _Mask:
     """TIES trimming: keep the ``density`` fraction of entries with the largest magnitude."""
     if density >= 1:
-        return delta
+        return _Mask(None)
     if density <= 0 or delta.numel() == 0:
-        return torch.zeros_like(delta)
+        return _Mask(None, zero=True)
     # At least one entry survives, so a tiny density never silently empties a tensor.
     count = max(1, int(density * delta.numel()))
+    # Magnitudes in the delta's own dtype: exact, and selection (kthvalue) handles half types.
     magnitude = delta.abs().reshape(-1)
-    if magnitude.dtype in (torch.float16, torch.bfloat16):
-        magnitude = magnitude.float()  # CPU sort/select of half types is slow or missing
-    keep = _largest(magnitude, count).to(delta.dtype)
-    return _mask_and_rescale(delta, keep.reshape(delta.shape), rescale)
+    keep = _largest(magnitude, count)
+    del magnitude
+    return _masked(delta, keep.reshape(delta.shape), rescale, delta.dtype)
 
 
 def _largest(magnitude: Tensor, count: int) -> Tensor:
     """A mask of the ``count`` largest entries; ties resolved by position, first kept.
 
     That is exactly what a stable descending sort keeps (``argsort(stable=True)[:count]``), but
-    found by selection (``kthvalue``, linear time) instead of a full sort: the threshold value,
-    every entry above it, and the first entries equal to it until ``count`` are kept."""
+    found by selection (linear time) instead of a full sort: the threshold value, every entry
+    above it, and the first entries equal to it until ``count`` are kept."""
     n = magnitude.numel()
     if count >= n:
         return torch.ones_like(magnitude, dtype=torch.bool)
-    if bool(torch.isnan(magnitude).any()):  # NaN sorts above every number: keep the sort
-        top = torch.argsort(magnitude, descending=True, stable=True)[:count]
+    if bool(torch.isnan(magnitude.max())):  # NaN sorts above every number: keep the sort
+        top = torch.argsort(magnitude.float(), descending=True, stable=True)[:count]
         keep = torch.zeros(n, dtype=torch.bool, device=magnitude.device)
         keep[top] = True
         return keep
-    threshold = torch.kthvalue(magnitude, n - count + 1).values
+    threshold = _kth_smallest(magnitude, n - count)
     keep = magnitude > threshold
-    ties = (magnitude == threshold).nonzero().flatten()
-    keep[ties[: count - int(keep.sum())]] = True
+    _keep_first_ties(keep, magnitude, threshold, count - int(keep.sum()))
     return keep
+
+
+def _keep_first_ties(keep: Tensor, magnitude: Tensor, threshold: float, wanted: int) -> None:
+    """Set ``keep`` at the first ``wanted`` entries equal to ``threshold`` (by position),
+    a chunk at a time: in half precision millions of entries can tie."""
+    for start in range(0, magnitude.numel(), _CHUNK):
+        if wanted <= 0:
+            return
+        tied = (magnitude[start : start + _CHUNK] == threshold).nonzero().flatten()[:wanted]
+        keep[start + tied] = True
+        wanted -= tied.numel()
+
+
+def _kth_smallest(values: Tensor, k: int) -> float:
+    """The value at position ``k`` (0-based) of ``values`` (>= 0) sorted ascending, by selection.
+
+    On the CPU numpy's in-place introselect on one float copy; ``torch.kthvalue`` would also
+    build an int64 index for every entry (8 bytes each: 256 MiB for a 32M-entry embedding)."""
+    if values.device.type != "cpu":
+        return float(torch.kthvalue(values, k + 1).values)
+    if values.dtype in (torch.float16, torch.bfloat16):
+        # Magnitudes are >= 0, and the bit patterns of non-negative floats order like their
+        # values: select among the 16-bit patterns (half the memory of a float copy).
+        bits = values.detach().view(torch.int16).numpy().copy()
+        bits.partition(k)
+        return float(torch.tensor(bits[k], dtype=torch.int16).view(values.dtype))
+    work = torch.float64 if values.dtype == torch.float64 else torch.float32
+    scratch = values.detach().to(work, copy=True).numpy()
+    scratch.partition(k)
+    return float(scratch[k])
 
 
 def _drop_random(
     delta: Tensor, density: float, rescale: bool, generator: torch.Generator | None
-) -> Tensor:
+) -> _Mask:
     """DARE: keep each entry independently with probability ``density``.
 
     One ``torch.bernoulli`` call over a tensor filled with ``density`` per candidate, in
     candidate order: with the same seed this draws exactly the mask mergekit draws.
     """
     if density >= 1:
-        return delta
+        return _Mask(None)
     # CPU bernoulli lacks float16, so draw in float32 there; bfloat16 keeps its own. Masks are
     # drawn where the generator lives (a CPU generator: on the CPU), so a seed gives the same
     # mask on every device.
@@ -164,7 +218,8 @@ def _drop_random(
     work = delta.dtype if keep_native else torch.float32
     probability = torch.full(delta.shape, density, dtype=work, device=draw_on)
     keep = torch.bernoulli(probability, generator=generator).to(delta.device)
-    return _mask_and_rescale(delta.to(work), keep, rescale).to(delta.dtype)
+    del probability
+    return _masked(delta, keep, rescale, work)
 
 
 def _sign_agreement(weighted: Tensor, rule: str) -> Tensor:
@@ -189,7 +244,7 @@ def _combine_task_vectors(
     base: Tensor,
     tensors: Sequence[Tensor],
     weights: Sequence[float] | None,
-    sparsify: Callable[[Tensor, int], Tensor] | None,
+    sparsify: Callable[[Tensor, int], _Mask] | None,
     consensus: str | None,
     normalize: bool,
     lambda_: float,
@@ -199,36 +254,44 @@ def _combine_task_vectors(
     ``sparsify(delta, index)`` trims candidate ``index``'s delta; ``consensus`` (if any) drops
     entries whose sign disagrees with the elected one. ``normalize`` divides by the weights
     that contributed to each entry, so equal weights give a mean rather than a sum.
-    """
+
+    Every step after sparsifying is per entry, so it runs over chunks of ``_CHUNK`` entries:
+    a large tensor (an embedding) never has its N deltas, their weighted copies and their
+    signs in memory at once, and the result is the same, entry for entry."""
     aligned = _aligned([base, *tensors])
     base, candidates = aligned[0], aligned[1:]
     if not candidates:
         return base
     w = _per_candidate(weights, len(candidates), "weights", 1.0)
-    deltas = []
-    for index, candidate in enumerate(candidates):
-        delta = candidate - base
-        deltas.append(sparsify(delta, index) if sparsify else delta)
-    stacked = torch.stack(deltas)
+    masks = [
+        sparsify(candidate - base, index) if sparsify else _Mask(None)
+        for index, candidate in enumerate(candidates)
+    ]
     # The weights live in the tensors' dtype and broadcast over all but the candidate axis.
-    coefficient = torch.tensor(w, dtype=stacked.dtype, device=stacked.device)
-    coefficient = coefficient.reshape(-1, *([1] * base.ndim))
-    stacked = stacked * coefficient
-
-    if consensus is not None:
-        agree = _sign_agreement(stacked, consensus)
-        mixed = (stacked * agree).sum(dim=0)
-        divisor = (coefficient * agree).sum(dim=0)
-        divisor[divisor == 0] = 1  # no candidate agrees: mixed is 0 there anyway
-    else:
-        mixed = stacked.sum(dim=0)
-        divisor = coefficient.sum(dim=0)
-        divisor[divisor.abs() < _WEIGHT_SUM_EPS] = 1  # weights cancelling out: do not explode
-    if normalize:
-        mixed = mixed / divisor
-    if lambda_ != 1:
-        mixed = mixed * lambda_
-    return base + mixed
+    coefficient = torch.tensor(w, dtype=base.dtype, device=base.device).reshape(-1, 1)
+    flat_base = base.reshape(-1)
+    flat = [c.reshape(-1) for c in candidates]
+    out = torch.empty_like(flat_base)
+    for start in range(0, flat_base.numel(), _CHUNK):
+        part = slice(start, start + _CHUNK)
+        b = flat_base[part]
+        deltas = [m.apply(c[part] - b, part) for m, c in zip(masks, flat, strict=True)]
+        stacked = torch.stack(deltas) * coefficient
+        if consensus is not None:
+            agree = _sign_agreement(stacked, consensus)
+            mixed = (stacked * agree).sum(dim=0)
+            divisor = (coefficient * agree).sum(dim=0)
+            divisor[divisor == 0] = 1  # no candidate agrees: mixed is 0 there anyway
+        else:
+            mixed = stacked.sum(dim=0)
+            divisor = coefficient.sum(dim=0)
+            divisor[divisor.abs() < _WEIGHT_SUM_EPS] = 1  # weights cancelling out
+        if normalize:
+            mixed = mixed / divisor
+        if lambda_ != 1:
+            mixed = mixed * lambda_
+        out[part] = b + mixed
+    return out.reshape(base.shape)
 
 
 # --------------------------------------------------------------------------- methods
@@ -346,7 +409,7 @@ def ties(
     if majority not in _CONSENSUS_RULES:
         raise ValueError(f"majority must be one of {_CONSENSUS_RULES}, got {majority!r}")
 
-    def trim(delta: Tensor, index: int) -> Tensor:
+    def trim(delta: Tensor, index: int) -> _Mask:
         return _keep_largest(delta, densities[index], rescale)
 
     return _combine_task_vectors(base, tensors, weights, trim, majority, normalize, lambda_)
@@ -378,7 +441,7 @@ def dare(
     if consensus is not None and consensus not in _CONSENSUS_RULES:
         raise ValueError(f"consensus must be None or one of {_CONSENSUS_RULES}, got {consensus!r}")
 
-    def drop(delta: Tensor, index: int) -> Tensor:
+    def drop(delta: Tensor, index: int) -> _Mask:
         return _drop_random(delta, densities[index], rescale, generator)
 
     return _combine_task_vectors(base, tensors, weights, drop, consensus, normalize, lambda_)

@@ -8,15 +8,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from matplotlib.axes import Axes
-from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
 
 from ..io import atomic_write
 from .gates import GateSnapshot, PathLike
+
+if TYPE_CHECKING:  # matplotlib is imported when a figure is made, not with softmerge (~30 MB)
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
 
 _MAX_LABELLED_UNITS = 60
 _DPI = 110
@@ -28,7 +29,15 @@ _DPI = 110
 
 # Figures are built with ``Figure`` rather than pyplot: they never touch the user's backend or
 # pyplot's global figure list, so nothing stays open (or leaks) whether saving works or fails.
+def _integer_ticks() -> Any:
+    from matplotlib.ticker import MaxNLocator
+
+    return MaxNLocator(integer=True)
+
+
 def _new_figure(figsize: tuple[float, float]) -> Figure:
+    from matplotlib.figure import Figure
+
     return Figure(figsize=figsize, layout="constrained")
 
 
@@ -170,7 +179,7 @@ def plot_convergence(
     fig = _new_figure((16, 4.5))
     axes = fig.subplots(1, 3)
     for ax in axes:
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
+        ax.xaxis.set_major_locator(_integer_ticks())  # steps are whole numbers
     _plot_losses(axes[0], history)
     _plot_l0(axes[1], history)
     _plot_gates(axes[2], history, candidates)

@@ -463,8 +463,8 @@ class SoftMerger:
         if levels is None:
             return None
         gate, pnz = levels
-        la = self.gates.log_alpha_candidate
-        assert la is not None
+        assert self.gates.log_alpha_candidate is not None
+        la = self.gates.log_alpha_candidate.detach()
         return {
             name: {"log_alpha": float(la[i]), "gate": float(gate[i]), "p_nonzero": float(pnz[i])}
             for i, name in enumerate(self.names)

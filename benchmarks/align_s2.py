@@ -203,7 +203,8 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
         help="align to the best candidate on the merge split, or to model0",
     )
     parser.add_argument("--granularity", default="tensor")
-    parser.add_argument("--l0-lambda", type=float, default=FitConfig.l0_lambda)
+    default_l0 = FitConfig.model_fields["l0_lambda"].default
+    parser.add_argument("--l0-lambda", type=float, default=default_l0)
     parser.add_argument("--steps", type=int, default=FULL.soft_steps)
     args = parser.parse_args(argv)
     if "mnist" in args.only and args.mnist is None:

@@ -24,13 +24,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 GRANULARITIES = ("model", "module", "tensor", "channel")
 HEADLINE = "soft (tensor)"  # the library's default granularity: the claims are judged on it
+ALIGNED = "soft (tensor), aligned"  # S2: the headline after weight matching (plan.align)
+SOUP_ALIGNED = "uniform soup, aligned"
+LEARNED = "soft (tensor, delta_scale learned)"  # S5: task vectors' scale learned with the gates
+TA_TUNED = "task arithmetic (lambda tuned)"
 EXTREME = ("scaled_x100", "noise_x10", "nan_inf")  # "malicious models with extreme values"
 MARGIN = 1.0  # accuracy points: "collapses" / "within" thresholds of the rules
 STEP_LIMIT = 1.25  # acceptance: gate step <= 1.25x a plain step (MLP and CNN, N=5, batch 128)
 
 SETTING_TITLES = {
     "S1": "S1 — local optima of one run (children of one parent)",
-    "S2": "S2 — independently initialised models (no permutation alignment)",
+    "S2": "S2 — independently initialised models (as they are, and aligned by weight matching)",
     "S3": "S3 — malicious candidates (k of 7)",
     "S4": "S4 — partial merging (only the plan's layers; the rest from one candidate)",
     "S5": "S5 — fine-tunes of one parent on different class pairs (task vectors, delta)",
@@ -163,6 +167,15 @@ def notes_for(recs: list[dict]) -> str:
 
         shown = [open_text(r) for r in recs if "open" in r and "gates_max" in r]
         out.append("open: " + " / ".join(shown))
+    ratio = [
+        r["alignment"]["cost_ratio"] for r in recs if (r.get("alignment") or {}).get("cost_ratio")
+    ]
+    if ratio:
+        out.append(f"aligned: distance ×{statistics.fmean(ratio):.2f}")
+    scales = [r["delta_scale_learned"] for r in recs if "delta_scale_learned" in r]
+    if scales:
+        lo, hi = min(x["min"] for x in scales), max(x["max"] for x in scales)
+        out.append(f"learned scale {lo:.2f}–{hi:.2f}")
     own = [r["own_task_acc"] for r in recs if "own_task_acc" in r]
     if own:
         out.append("own task " + "/".join(f"{v:.1f}" for v in own) + "%")
@@ -261,6 +274,11 @@ def claim1(res: Results) -> dict[str, str]:
         for s, v in dis.items()
         if v and all(finite(x) for x in v)
     )
+    aligned = [
+        f"{c} {mean_acc(res, 'S2', c, SOUP_ALIGNED) - best_single(res, 'S2', c):+.2f} pt"
+        for c in res.configs("S2")
+        if res.stat("S2", c, SOUP_ALIGNED).n
+    ]
     if bad and not good:
         verdict = "held"
     elif bad:
@@ -274,7 +292,14 @@ def claim1(res: Results) -> dict[str, str]:
         f"undesirable in a table if the uniform soup's accuracy is below the best single "
         f"model's by more than {MARGIN:g} pt or its test loss is more than twice the best "
         "single model's (means over seeds); held if so in every S1, S2 and S3 table",
-        "numbers": f"{dtext}. Uniform soup − best single: " + "; ".join(lines),
+        "numbers": f"{dtext}. Uniform soup − best single: "
+        + "; ".join(lines)
+        + (
+            ". After weight matching (not part of the rule), S2 uniform soup − best single: "
+            + ", ".join(aligned)
+            if aligned
+            else ""
+        ),
         "verdict": verdict,
     }
 
@@ -539,13 +564,14 @@ def claim6(res: Results) -> dict[str, str]:
     better, par, worse, lines = [], [], [], []
     for s in ("S1", "S2", "S5"):
         for c in res.configs(s):
-            soft = res.stat(s, c, HEADLINE)
+            aligned = s == "S2" and res.stat(s, c, ALIGNED).n > 0
+            soft = res.stat(s, c, ALIGNED if aligned else HEADLINE)
             best = res.stat(s, c, "best single (chosen on merge split)")
-            uni = res.stat(s, c, "uniform soup")
+            uni = res.stat(s, c, SOUP_ALIGNED if aligned else "uniform soup")
             ref = max((best, uni), key=lambda st: st.mean if finite(st.mean) else -1e9)
             tol = max(0.1, soft.std, ref.std)
             diff = soft.mean - ref.mean if finite(soft.mean) else -math.inf
-            name = f"{s} {c}"
+            name = f"{s} {c}" + (" (aligned)" if aligned else "")
             (better if diff > tol else worse if diff < -tol else par).append(name)
             rivals = {
                 row: mean_acc(res, s, c, row)
@@ -576,9 +602,10 @@ def claim6(res: Results) -> dict[str, str]:
     return {
         "claim": "6. The merged model performs better (a better local optimum), at low cost",
         "rule": "per S1, S2, S5 table: soft (tensor) mean test accuracy minus the better of "
-        "best single and uniform soup; better / worse if beyond the tolerance max(0.1 pt, "
-        "either std over seeds), else on par; held if better in every table (S3 is claim 5; "
-        "cost is claim 2; inference always costs one model)",
+        "best single and uniform soup (S2: both after weight matching, plan.align, the "
+        "documented way to merge independently initialised models); better / worse if beyond "
+        "the tolerance max(0.1 pt, either std over seeds), else on par; held if better in every "
+        "table (S3 is claim 5; cost is claim 2; inference always costs one model)",
         "numbers": "; ".join(lines),
         "verdict": verdict,
     }
@@ -590,6 +617,7 @@ def claim6(res: Results) -> dict[str, str]:
 KEY_ROWS = [
     "best single (chosen on merge split)",
     "uniform soup",
+    "uniform soup, aligned",
     "greedy soup",
     "learned soup",
     "TIES (density 0.2, lambda tuned)",
@@ -597,6 +625,7 @@ KEY_ROWS = [
     "output ensemble (N x cost)",
     "soft (model)",
     "soft (tensor)",
+    "soft (tensor), aligned",
     "soft (channel)",
 ]
 
@@ -795,12 +824,10 @@ def plot_multitask(res: Results, path: Path) -> None:
 
 
 def where_soft_loses(res: Results) -> list[str]:
-    """Tables where some single-model merge beats soft (tensor) by more than one std of both."""
+    """Tables where some single-model merge beats soft (tensor) by more than one std of both
+    (rows merged after alignment are compared with soft (tensor) after alignment)."""
     out = []
     for (s, c), rows in res.tables.items():
-        soft = res.stat(s, c, HEADLINE)
-        if not soft.n or not finite(soft.mean):
-            continue
         for row, recs in rows.items():
             if row.startswith("soft") or recs[0].get("group") in (
                 "candidate",
@@ -808,19 +835,72 @@ def where_soft_loses(res: Results) -> list[str]:
                 "diagnostic",
             ):
                 continue
+            headline = ALIGNED if "alignment" in recs[0] else HEADLINE
+            soft = res.stat(s, c, headline)
             other = res.stat(s, c, row)
+            if not soft.n or not finite(soft.mean):
+                continue
             if finite(other.mean) and other.mean - soft.mean > max(soft.std, other.std, 0.1):
                 out.append(
-                    f"{s} {c}: {row} {other.mean:.2f} vs soft (tensor) {soft.mean:.2f} "
+                    f"{s} {c}: {row} {other.mean:.2f} vs {headline} {soft.mean:.2f} "
                     f"({other.mean - soft.mean:+.2f} pt)"
                 )
     return out
 
 
+def targets_section(res: Results) -> list[str]:
+    """Issue 13's targets, each computed from the records: S2 after weight matching (aligned
+    uniform soup within 1.5 pt of the best single model; aligned soft merge >= best single +
+    0.5 pt) and S5 (soft merging with the learned scale >= task arithmetic, λ tuned, − 0.1 pt)."""
+    lines = []
+    for c in res.configs("S2"):
+        if not res.stat("S2", c, SOUP_ALIGNED).n:
+            continue
+        best = best_single(res, "S2", c)
+        gaps = {
+            row: mean_acc(res, "S2", c, row) - best
+            for row in (
+                "output ensemble (N x cost)",
+                "uniform soup",
+                SOUP_ALIGNED,
+                "uniform soup, aligned + REPAIR",
+                HEADLINE,
+                ALIGNED,
+                "soft (tensor), aligned + REPAIR",
+                "soft (channel), aligned",
+            )
+            if res.stat("S2", c, row).n
+        }
+        soup_ok = finite(gaps[SOUP_ALIGNED]) and gaps[SOUP_ALIGNED] >= -1.5
+        soft_ok = finite(gaps.get(ALIGNED, math.nan)) and gaps[ALIGNED] >= 0.5
+        lines.append(
+            f"S2 {c} (best single {best:.2f}%), minus the best single model: "
+            + ", ".join(f"{row} {v:+.2f}" for row, v in gaps.items())
+            + f". Aligned uniform soup within 1.5 pt: **{'met' if soup_ok else 'not met'}**; "
+            f"aligned soft (tensor) >= best single + 0.5 pt: **{'met' if soft_ok else 'not met'}**."
+        )
+    for c in res.configs("S5"):
+        ta = res.stat("S5", c, TA_TUNED)
+        rows = [r for r in res.rows("S5", c) if "delta_scale learned" in r]
+        if not ta.n or not rows:
+            continue
+        parts = [f"{row} {mean_acc(res, 'S5', c, row):.2f}" for row in (*rows, HEADLINE)]
+        learned = mean_acc(res, "S5", c, LEARNED)
+        ok = finite(learned) and learned >= ta.mean - 0.1
+        lines.append(
+            f"S5 {c}: task arithmetic (λ tuned on the merge split) {ta.mean:.2f}; "
+            + ", ".join(parts)
+            + f". {LEARNED} >= task arithmetic − 0.1 pt: **{'met' if ok else 'not met'}**."
+        )
+    return lines
+
+
 def observations(res: Results) -> list[str]:
     """Facts worth reading beside the tables, each computed from the records."""
     out = []
-    s2 = res.all(lambda r: r["setting"] == "S2" and r.get("method") == "soft" and "open" in r)
+    s2_all = res.all(lambda r: r["setting"] == "S2" and r.get("method") == "soft" and "open" in r)
+    s2 = [r for r in s2_all if "alignment" not in r]
+    s2_aligned = [r for r in s2_all if "alignment" in r]
     if s2:
         one = [r for r in s2 if len(r["open"]) == 1]
         none = [r for r in s2 if not r["open"]]
@@ -841,8 +921,19 @@ def observations(res: Results) -> list[str]:
             f"one model, it does not average; the one open model is the best (or tied best) on the "
             f"merge split in {same} and on the test split in {same_t} of those {len(one)} "
             "merges. "
-            "The uniform soup collapses (see claim 1). Weight matching (Git Re-Basin) is not "
-            "implemented."
+            "The uniform soup collapses (see claim 1)."
+        )
+    if s2_aligned:
+        opened = [len(r["open"]) for r in s2_aligned]
+        ratio = [r["alignment"]["cost_ratio"] for r in s2_aligned if r["alignment"]["cost_ratio"]]
+        align_s = [r["alignment"]["seconds"] for r in s2_aligned if r["alignment"]["seconds"]]
+        out.append(
+            f"S2 after weight matching (`plan.align: weight_matching`): the squared distance of "
+            f"a candidate to the reference falls to {statistics.fmean(ratio):.2f}x its unaligned "
+            f"value on average ({statistics.fmean(align_s):.1f} s per merge); the soft merges "
+            f"keep {statistics.fmean(opened):.1f} candidates open on average (of "
+            f"{len(s2_aligned[0]['gates_max'])}), against "
+            f"{statistics.fmean(len(r['open']) for r in s2) if s2 else math.nan:.1f} unaligned."
         )
     s5 = res.all(lambda r: r["setting"] == "S5" and r.get("method") == "soft" and "open" in r)
     if s5:
@@ -874,9 +965,8 @@ def observations(res: Results) -> list[str]:
                 " Task arithmetic's merge-split accuracy by λ: "
                 + ", ".join(f"{k}: {statistics.fmean(x[k] for x in scans):.1f}%" for k in scans[0])
                 + f". A hard concrete sample is exactly 1 with probability {p_one:.2f} at the "
-                "start (gate 0.5), so "
-                "sampled merges often add several whole task vectors, where the loss is high; "
-                "the expected loss the gates minimise then favours closing gates."
+                "start (gate 0.5); the gates of a delta merge share their noise, so a sample "
+                "scales every open task vector together instead of adding a random subset."
             )
         out.append(
             "S5 (task vectors): task vectors kept open (of 5) per seed — "
@@ -1096,6 +1186,14 @@ def write_page(res: Results, docs: Path) -> Path:
     lines += [f"- {x}" for x in observations(res)]
     lines += ["", "### Where soft merging (tensor) loses", ""]
     lines += [f"- {x}" for x in losses] or ["- nowhere by more than one std"]
+    targets = targets_section(res)
+    if targets:
+        lines += [
+            "",
+            "### Alignment and the learned task-vector scale: issue 13's targets",
+            "",
+        ]
+        lines += [f"- {x}" for x in targets]
     lines += [
         "",
         "## The matrix",

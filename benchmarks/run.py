@@ -10,7 +10,8 @@ anything is trained, so a missing MNIST stops the run at once with the list of p
 Settings (docs/results.md explains each choice):
 
 - S1 local optima of one run: children of one parent (MNIST MLP, MNIST CNN, MNIST-1D ResNet-BN).
-- S2 independently initialised models (digits MLP, MNIST MLP); no permutation alignment.
+- S2 independently initialised models (digits MLP, MNIST MLP, MNIST-1D ResNet-BN); every method
+  as it is and after weight matching (``plan.align``), plus REPAIR (``plan.repair``) rows.
 - S3 S1's MNIST MLP children plus malicious candidates (1, 2 or 3 of 7).
 - S4 partial merging: only the plan's layers merged, the rest from one candidate.
 - S5 fine-tunes of one parent on different class pairs, merged as task vectors (delta).
@@ -33,7 +34,7 @@ import statistics
 import sys
 import time
 import traceback
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +82,7 @@ class Spec:
     base: bool = False  # merge with the parent as base (task vectors / delta)
     tune_lambda: bool = False  # pick lambda on the merge split from scale.lambdas
     group: str = "merge"  # reference | merge | soft | ablation
+    plan: dict[str, Any] = field(default_factory=dict)  # MergePlan fields of this row
 
 
 def core_specs(scale: Scale, *, parent: bool, delta: bool = False) -> list[Spec]:
@@ -131,6 +133,18 @@ def core_specs(scale: Scale, *, parent: bool, delta: bool = False) -> list[Spec]
             Spec(f"soft ({g})", "soft", dict(soft), granularity=g, base=delta, group="soft")
         )
     if delta:
+        specs += [  # task arithmetic's lambda learned with the gates: no grid search
+            Spec(
+                f"soft ({g}, delta_scale learned)",
+                "soft",
+                dict(soft),
+                granularity=g,
+                base=True,
+                group="soft",
+                plan={"delta_scale": "learn"},
+            )
+            for g in ("model", "tensor")
+        ]
         specs += [  # lambda of task arithmetic, inside soft merging: plan.delta_scale
             Spec(
                 f"soft ({g}, delta_scale tuned)",
@@ -162,6 +176,24 @@ def core_specs(scale: Scale, *, parent: bool, delta: bool = False) -> list[Spec]
         )
     )
     return specs
+
+
+ALIGNED = ", aligned"  # suffix of the rows merged after weight matching
+REPAIRED = ", aligned + REPAIR"
+
+
+def aligned_specs(specs: list[Spec]) -> list[Spec]:
+    """S2: every method again after weight matching (the output ensemble is left out: aligning
+    changes no candidate's function), and REPAIR after the uniform soup and soft (tensor)."""
+    out = []
+    for spec in specs:
+        if spec.method == "ensemble":
+            continue
+        plan = {**spec.plan, "align": "weight_matching"}
+        out.append(replace(spec, row=spec.row + ALIGNED, plan=plan))
+        if spec.row in ("uniform soup", "soft (tensor)"):
+            out.append(replace(spec, row=spec.row + REPAIRED, plan={**plan, "repair": True}))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -213,6 +245,33 @@ def merge_loader(dataset, seed: int, batch_size: int = 128) -> DataLoader:
         RandomSampler(dataset, generator=torch.Generator().manual_seed(seed)), batch_size, False
     )
     return DataLoader(dataset, sampler=sampler, batch_size=None)
+
+
+def alignment_record(report: Any) -> dict[str, Any]:
+    """The alignment of a row: reference, seconds, and the matching cost after / before."""
+    others = [c for c in report.candidates if c.name != report.reference_name]
+    ratios = [c.cost_after / c.cost_before for c in others if c.cost_before > 0]
+    return {
+        "reference": report.reference_name,
+        "seconds": report.seconds,
+        "cost_ratio": statistics.fmean(ratios) if ratios else None,
+        "moved_units": sum(c.moved_units for c in others),
+    }
+
+
+def learned_scale(merger: Any) -> dict[str, Any]:
+    """plan.delta_scale 'learn': the learned scale per gate unit (mean, min, max)."""
+    scale = merger.gates.scale()
+    if scale is None:
+        return {}
+    values = scale.detach().cpu()
+    return {
+        "delta_scale_learned": {
+            "mean": float(values.mean()),
+            "min": float(values.min()),
+            "max": float(values.max()),
+        }
+    }
 
 
 def fingerprint(states: list[State]) -> str:
@@ -345,7 +404,12 @@ class Table:
         return preds
 
     def context(self, spec: Spec, plan_extra: dict[str, Any] | None = None) -> MergeContext:
-        plan_kw = dict(self.plan_kw, granularity=spec.granularity, **(plan_extra or {}))
+        plan_kw = {
+            **self.plan_kw,
+            "granularity": spec.granularity,
+            **spec.plan,
+            **(plan_extra or {}),
+        }
         cands, names = list(self.pool.values()), list(self.pool)
         if spec.base:
             cands, names = [self.fam.parent, *cands], ["parent", *names]
@@ -428,6 +492,12 @@ class Table:
             rec["malicious_weight"] = self._malicious_weight(spec, rec)
         if self.plan_kw:
             rec["plan_honoured"] = self._plan_honoured(ctx, out.state)
+        if spec.plan:
+            rec["plan"] = dict(spec.plan)
+        if ctx.alignment is not None:
+            rec["alignment"] = alignment_record(ctx.alignment)
+        if "repair" in info:
+            rec["repair_s"] = info["repair"]["seconds"]
         return self.record(spec.row, **rec)
 
     def _soft_info(self, info: dict[str, Any], before: str | None) -> dict[str, Any]:
@@ -460,6 +530,7 @@ class Table:
             "excluded": [n for n, a in zip(names, active.tolist(), strict=True) if not a],
             "open": [n for n, v in zip(names, gates.max(1).values.tolist(), strict=True) if v > 0],
             "reference": fit.reference,
+            **learned_scale(merger),
         }
 
     def _malicious_weight(self, spec: Spec, rec: dict[str, Any]) -> float | None:
@@ -573,7 +644,8 @@ class Runner:
         if "S2" in self.only:
             for key in sc.s2_families:
                 fam = self.family(key, seed)
-                self.table("S2", key, fam, dict(fam.clean), core_specs(sc, parent=False))
+                specs = core_specs(sc, parent=False)
+                self.table("S2", key, fam, dict(fam.clean), specs + aligned_specs(specs))
         if "S5" in self.only:
             fam = self.family("mnist_mlp_ft", seed)
             self.table(

@@ -14,7 +14,7 @@ Candidate families (per seed):
   shifts of up to 2 pixels): nearby local optima of one run (S1, S3, S4). One more child is
   trained on shuffled labels (a malicious kind of S3).
 - ``independent``: models from different random initialisations, each trained on the whole
-  training set in its own order (S2).
+  training set in its own order (S2: digits and MNIST MLPs, MNIST-1D ResNet-BN).
 - ``finetunes``: a weak parent (one epoch on a fifth of the training set), then one fine-tune
   per pair of classes {0,1}, {2,3}, ... on the training samples of those classes only, one
   epoch at a tenth of the learning rate (Adam 1e-4), as fine-tunes are (S5).
@@ -57,7 +57,7 @@ class Scale:
     soft_steps: int  # FitConfig.steps of every soft merge
     learn_steps: int | None  # learned soup / AdaMerging steps (None: the registry's default)
     lambdas: tuple[float, ...]  # grid for task-vector scaling, tuned on the merge split
-    s2_families: tuple[str, ...] = ("digits_mlp_indep", "mnist_mlp_indep")
+    s2_families: tuple[str, ...] = ("digits_mlp_indep", "mnist_mlp_indep", "mnist1d_resnet_indep")
     s4_families: tuple[str, ...] = ("mnist_mlp", "mnist1d_resnet")
     batch_size: int = 128  # merge loader batch
     plain_reps: int = 30  # timed plain training steps per architecture (step-time ratios)
@@ -82,6 +82,7 @@ FULL = Scale(
         "mnist1d_resnet": (5, 6),
         "mnist_mlp_indep": (0, 4),
         "digits_mlp_indep": (0, 30),
+        "mnist1d_resnet_indep": (0, 8),
         "mnist_mlp_ft": (1, 1),
     },
     soft_steps=300,
@@ -108,6 +109,7 @@ SMOKE = Scale(
         "mnist1d_resnet": (1, 1),
         "mnist_mlp_indep": (0, 1),
         "digits_mlp_indep": (0, 2),
+        "mnist1d_resnet_indep": (0, 1),
         "mnist_mlp_ft": (1, 1),
     },
     soft_steps=4,
@@ -192,6 +194,7 @@ FAMILIES: dict[str, Family] = {
         Family("mnist1d_resnet", "children", "mnist1d", "resnet_mnist1d", 5),
         Family("mnist_mlp_indep", "independent", "mnist", "mlp_mnist", 5),
         Family("digits_mlp_indep", "independent", "digits", "mlp_digits", 5),
+        Family("mnist1d_resnet_indep", "independent", "mnist1d", "resnet_mnist1d", 5),
         Family("mnist_mlp_ft", "finetunes", "mnist", "mlp_mnist", 5, child_lr=1e-4),
     ]
 }

@@ -115,6 +115,7 @@ class Comparison:
                 device=first.device,
                 storage_dtype=first.storage_dtype,
                 rank_batches=first.rank_batches,
+                align_spec=first.align_spec,
             )
         return self.contexts[key]
 

@@ -104,6 +104,9 @@ class MergeContext:
     rank_batches: int = 4
     val_loader: Iterable[Any] | None = None  # scored during a fit (history), never trained on
     checkpoint: CheckpointSpec | None = None
+    # plan.align / plan.repair: the permutation groups (a softmerge.align.PermutationSpec or
+    # its dict form); None derives them from the model by torch.fx tracing.
+    align_spec: Any = None
 
     def __post_init__(self) -> None:
         pool = load_candidates(self.candidates, self.names, min_count=1)
@@ -135,6 +138,17 @@ class MergeContext:
         self._reference: int | None = None
         self._rest: State | None = None
         self._stack: tuple[bool, CandidateStack] | None = None
+        self.alignment: Any = None  # softmerge.align.AlignmentReport when plan.align is set
+        if self.plan.align != "none":
+            self._align()
+
+    def _align(self) -> None:
+        """Permute every candidate's hidden units to match the reference candidate's, before
+        any method runs: the pool then holds the aligned copies (softmerge.align.pool)."""
+        from .align.pool import align_context
+
+        self.alignment = align_context(self)
+        self._rest, self._stack = None, None
 
     # -- what merges -------------------------------------------------------------------------
 

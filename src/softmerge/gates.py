@@ -27,9 +27,15 @@ def _stretch_and_clamp(s: torch.Tensor) -> torch.Tensor:
     return torch.clamp(s * (ZETA - GAMMA) + GAMMA, 0.0, 1.0)
 
 
-def sample_gates(log_alpha: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Draw one train-time gate per entry of ``log_alpha`` (reparameterised: differentiable)."""
-    u = torch.rand(log_alpha.shape, generator=generator, dtype=log_alpha.dtype)
+def sample_gates(
+    log_alpha: torch.Tensor, generator: torch.Generator | None = None, shared: bool = False
+) -> torch.Tensor:
+    """Draw one train-time gate per entry of ``log_alpha`` (reparameterised: differentiable).
+
+    ``shared``: every row (candidate) uses the same uniform noise, broadcast along dim 0: each
+    gate is still hard concrete, but within a sample the gates keep their order."""
+    shape = (1, *log_alpha.shape[1:]) if shared else log_alpha.shape
+    u = torch.rand(shape, generator=generator, dtype=log_alpha.dtype)
     u = (u * (1.0 - 2.0 * EPS) + EPS).to(log_alpha.device)
     s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + log_alpha) / BETA)
     return _stretch_and_clamp(s)
@@ -75,6 +81,10 @@ class MergeGates(nn.Module):
     unit gates: the evidence against a bad candidate from every unit adds up in one gate that
     can switch it off everywhere at once (redundant, and skipped, with a single unit).
     ``active`` marks candidates allowed to open at all (non-finite candidates are not).
+    ``learn_scale`` adds ``log_scale`` (U): one positive scale per unit, ``exp(log_scale)``,
+    that multiplies the task vectors of a delta merge (``plan.delta_scale: learn``).
+    ``shared_noise``: the candidates' gates of one unit (and the candidate-level gates) are
+    sampled from one shared uniform draw (delta merges, see docs/method.md).
 
     Everything the fit changes is in ``state_dict()``: that is what a checkpoint saves."""
 
@@ -86,6 +96,8 @@ class MergeGates(nn.Module):
         candidate_level: bool = True,
         active: torch.Tensor | None = None,
         device: torch.device | str | None = None,
+        learn_scale: bool = False,
+        shared_noise: bool = False,
     ) -> None:
         super().__init__()
         self.log_alpha = nn.Parameter(torch.zeros(candidates, units, device=device))
@@ -93,6 +105,8 @@ class MergeGates(nn.Module):
         self.log_alpha_candidate = (
             nn.Parameter(torch.zeros(candidates, device=device)) if two_level else None
         )
+        self.log_scale = nn.Parameter(torch.zeros(units, device=device)) if learn_scale else None
+        self.shared_noise = shared_noise
         mask = torch.ones(candidates, dtype=torch.bool) if active is None else active.bool()
         self.register_buffer("active", mask.to(device))
         self._all_active = bool(mask.all())
@@ -118,6 +132,16 @@ class MergeGates(nn.Module):
         else:
             self.log_alpha.sub_(prior.unsqueeze(1))
 
+    @torch.no_grad()
+    def initialise_scale(self, scale: torch.Tensor) -> None:
+        """Start the learned scale at ``scale`` (U, positive)."""
+        if self.log_scale is not None:
+            self.log_scale.copy_(scale.to(self.log_scale).log())
+
+    def scale(self) -> torch.Tensor | None:
+        """The learned scale of each unit (U), or None without one; differentiable."""
+        return None if self.log_scale is None else self.log_scale.exp()
+
     def _combine(self, unit: torch.Tensor, candidate: torch.Tensor | None) -> torch.Tensor:
         out = unit if candidate is None else candidate.unsqueeze(1) * unit
         # Excluded candidates are forced to 0 (skipped when all are active: every small
@@ -129,9 +153,10 @@ class MergeGates(nn.Module):
 
         The noise comes from a CPU generator whatever the device, so a seed gives the same
         gates on every device and on every process of a distributed run."""
-        unit = sample_gates(self.log_alpha, generator)
+        shared = self.shared_noise
+        unit = sample_gates(self.log_alpha, generator, shared)
         cand = self.log_alpha_candidate
-        return self._combine(unit, None if cand is None else sample_gates(cand, generator))
+        return self._combine(unit, None if cand is None else sample_gates(cand, generator, shared))
 
     def deterministic(self) -> torch.Tensor:
         """Test-time effective gates (N, U), exactly 0 where either level is closed."""

@@ -327,6 +327,8 @@ def merge_summary(
         "seconds": {"merge": round(outcome.seconds, 3)},
         "threads": torch.get_num_threads(),
     }
+    if ctx.alignment is not None:  # plan.align: permutations, cost before / after
+        summary["alignment"] = ctx.alignment.to_dict()
     if result is not None:
         summary.update(
             gates=gate_summary(outcome),
@@ -351,6 +353,7 @@ def summary_markdown(summary: dict[str, Any]) -> str:
         )
     if summary["merge_set"]:
         lines.append("- merge set: {source} ({samples} samples)".format(**summary["merge_set"]))
+    lines += alignment_lines(summary.get("alignment"))
     lines.append("")
     if summary["results"]:
         evals = summary["eval_set"]
@@ -365,6 +368,21 @@ def summary_markdown(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def alignment_lines(alignment: dict[str, Any] | None) -> list[str]:
+    """One line per aligned candidate: squared distance to the reference before -> after."""
+    if not alignment:
+        return []
+    lines = [f"- aligned by {alignment['method']} to {alignment['reference_name']}:"]
+    entries = [*alignment["candidates"], *([alignment["base"]] if alignment["base"] else [])]
+    for e in entries:
+        if e["name"] != alignment["reference_name"]:
+            lines.append(
+                f"  - {e['name']}: distance {e['cost_before']:.4g} -> {e['cost_after']:.4g} "
+                f"({e['moved_units']} units moved)"
+            )
+    return lines
+
+
 def print_merge_report(summary: dict[str, Any], out: Path) -> None:
     if summary["results"]:
         cols = [
@@ -375,6 +393,8 @@ def print_merge_report(summary: dict[str, Any], out: Path) -> None:
         print(format_table(summary["results"], cols, floatfmt=".3f"))
     else:
         print(f"evaluation {summary['evaluation']}")
+    for line in alignment_lines(summary.get("alignment")):
+        print(line)
     print(f"\noutputs in {out}: {', '.join(summary['files'])}")
 
 

@@ -30,8 +30,10 @@ from .schema import Settings
 
 Granularity = Literal["model", "module", "tensor", "channel"]
 Combine = Literal["convex", "delta"]
+Align = Literal["none", "weight_matching", "activation_matching", "merge_many"]
 GRANULARITIES: tuple[str, ...] = ("model", "module", "tensor", "channel")
 COMBINES: tuple[str, ...] = ("convex", "delta")
+LEARN = "learn"  # plan.delta_scale: learned with the gates instead of fixed
 
 
 class MergePlan(Settings):
@@ -46,21 +48,35 @@ class MergePlan(Settings):
     candidate_gate: bool = True  # add one gate per candidate above the unit gates
     # delta: theta_0 + delta_scale * sum_j z_j tau_j. 1 is the plain formula; task arithmetic's
     # lambda (about 0.3) keeps a sample with several gates at exactly 1 from overshooting.
-    delta_scale: float = 1.0
+    # "learn": one positive scale per gate unit, learned with the gates (docs/method.md).
+    delta_scale: float | Literal["learn"] = 1.0
+    # Before any method runs: permute every candidate's hidden units to match the reference
+    # candidate (softmerge.align; docs/alignment.md). "none" merges the candidates as they are.
+    align: Align = "none"
+    # After a single-model merge: REPAIR the hidden units' statistics on the merge data.
+    repair: bool = False
 
     @field_validator("delta_scale", mode="before")
     @classmethod
     def _positive_scale(cls, value: Any) -> Any:
+        if value == LEARN:
+            return value
         number = isinstance(value, (int, float)) and not isinstance(value, bool)
         if not (number and 0 < value < math.inf):
-            raise ValueError(f"must be a positive number, got {value!r}")
+            raise ValueError(f"must be a positive number or 'learn', got {value!r}")
         return float(value)
 
     @model_validator(mode="after")
     def _delta_needs_a_base(self) -> MergePlan:
         if self.combine == "delta" and not self.base:
             raise ValueError("combine 'delta' needs a base model: set plan.base")
+        if self.delta_scale == LEARN and self.combine != "delta":
+            raise ValueError("delta_scale 'learn' scales task vectors: it needs combine 'delta'")
         return self
+
+    @property
+    def learn_scale(self) -> bool:
+        return self.delta_scale == LEARN
 
 
 @dataclass(frozen=True)

@@ -107,11 +107,15 @@ class SoftMerger:
             candidate_level=self.plan.candidate_gate,
             active=torch.tensor(ctx.active),
             device=ctx.device,
+            learn_scale=self.delta and self.plan.learn_scale,
+            # Ours: task vectors of one unit share their gate noise (docs/method.md).
+            shared_noise=self.delta,
         )
         self._dtypes = ctx.model_dtypes()
         self._buffer_names = {k for k, _ in self.model.named_buffers()}
         self._generator: torch.Generator | None = None
         self._bn_buffers: dict[str, torch.Tensor] | None = None
+        self._repaired: tuple[dict[str, torch.Tensor], dict[str, Any]] | None = None
         self.result: FitResult | None = None
 
     def _report_excluded(self) -> None:
@@ -175,8 +179,14 @@ class SoftMerger:
 
     def mixing_weights(self, z: torch.Tensor) -> torch.Tensor:
         w = self.gates.mixing_weights(z, convex=not self.delta, fallback=self.ctx.reference)
-        # delta: theta_0 + delta_scale * sum_j z_j tau_j (task arithmetic's lambda)
-        return w * self.plan.delta_scale if self.delta and self.plan.delta_scale != 1.0 else w
+        if not self.delta:
+            return w
+        # delta: theta_0 + delta_scale * sum_j z_j tau_j (task arithmetic's lambda), the scale
+        # fixed or learned per unit (plan.delta_scale: learn)
+        learned = self.gates.scale()
+        if learned is not None:
+            return w * learned
+        return w * self.plan.delta_scale if self.plan.delta_scale != 1.0 else w
 
     def merged_parameters(self, z: torch.Tensor, *, reuse: bool = False) -> dict[str, torch.Tensor]:
         """The merged tensors for gates ``z`` (N, U), in the model's dtypes (``reuse``: into
@@ -286,9 +296,11 @@ class SoftMerger:
         finally:
             self.stack.release_outputs()
         self.model.eval()
-        self._bn_buffers = None
+        self._bn_buffers, self._repaired = None, None
         if cfg.recalibrate_bn and has_batchnorm(self.model):
             self._bn_buffers = self._recalibrated_buffers(loader)
+        if self.plan.repair:
+            self._repaired = self._repair()
         if ckpt is not None and not keep_checkpoint:
             remove_checkpoint(ckpt)
         recorder = loop.callback(Recorder)
@@ -380,6 +392,11 @@ class SoftMerger:
             ]
         )
         self.gates.initialise(cfg.init_gate, prior)
+        if self.gates.log_scale is not None:
+            # Ours: the learned scale starts where the deterministic merge is the gates'
+            # weighted average of the fine-tunes (the uniform soup when the priors are equal).
+            total = self.gates.deterministic().sum(0)
+            self.gates.initialise_scale(1.0 / total.clamp_min(1e-3))
 
     def _fingerprint(self, cfg: FitConfig, total_steps: int, run_key: str) -> str:
         """What defines this run: a checkpoint saved under another fingerprint is refused."""
@@ -402,7 +419,11 @@ class SoftMerger:
 
     def _record_extra(self) -> dict[str, Any]:
         gates = self.deterministic_gates()
-        return {"l0": self.expected_l0(), "mean_gate": gates.mean(1).tolist()}
+        extra = {"l0": self.expected_l0(), "mean_gate": gates.mean(1).tolist()}
+        scale = self.gates.scale()
+        if scale is not None:
+            extra["mean_delta_scale"] = float(scale.detach().mean())
+        return extra
 
     @torch.no_grad()
     def _score(self, loader: Iterable[Batch]) -> dict[str, float]:
@@ -425,7 +446,24 @@ class SoftMerger:
 
     # -- results -----------------------------------------------------------------------------
 
+    @property
+    def repair_note(self) -> dict[str, Any] | None:
+        """What plan.repair did after the fit (layers, weights, seconds), or None."""
+        return None if self._repaired is None else self._repaired[1]
+
+    def _repair(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """plan.repair: REPAIR the deterministic merge; each layer's statistics are the
+        candidates' interpolated with that layer's mixing weights (softmerge.align.pool)."""
+        from .align.pool import repair_merged, soft_layer_weights
+
+        with torch.no_grad():
+            mixing = self.mixing_weights(self.deterministic_gates())
+        weights = soft_layer_weights(self.ctx, self.layout, mixing, self.delta)
+        return repair_merged(self.ctx, self._merged_state(), weights, delta=self.delta)
+
     def _merged_state(self, recalibrated: bool = True) -> dict[str, torch.Tensor]:
+        if recalibrated and self._repaired is not None:
+            return dict(self._repaired[0])
         with torch.no_grad():
             merged = self.merged_parameters(self.deterministic_gates())
         if recalibrated and self._bn_buffers is not None:
@@ -488,4 +526,19 @@ class SoftMerger:
             "reference": self.names[self.reference],
             "storage_dtype": str(self.stack.dtype).removeprefix("torch."),
             "device": str(self.ctx.device),
+            **self._extras(),
         }
+
+    def _extras(self) -> dict[str, Any]:
+        """Alignment, REPAIR and the learned task-vector scale, when the plan asks for them."""
+        out: dict[str, Any] = {}
+        if self.ctx.alignment is not None:
+            out["alignment"] = self.ctx.alignment.to_dict()
+        if self.repair_note is not None:
+            out["repair"] = self.repair_note
+        scale = self.gates.scale()
+        if scale is not None:
+            out["delta_scale_learned"] = dict(
+                zip(self.layout.units, scale.detach().cpu().tolist(), strict=True)
+            )
+        return out

@@ -17,14 +17,15 @@ See docs/alignment.md for the algorithm and the operations supported.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
 from softmerge.align.activation_matching import activation_matching, batch_inputs
+from softmerge.align.pool import align_context, context_spec, repair_merged
 from softmerge.align.repair import repair, repair_layers
+from softmerge.align.report import COST, AlignmentReport, CandidateAlignment
 from softmerge.align.spec import (
     ActivationPoint,
     AxisRef,
@@ -42,6 +43,7 @@ from softmerge.align.weight_matching import (
 from softmerge.errors import PlanError
 
 __all__ = [
+    "COST",
     "METHODS",
     "ActivationPoint",
     "AlignmentReport",
@@ -51,46 +53,20 @@ __all__ = [
     "PermutationSpec",
     "activation_matching",
     "align_candidates",
+    "align_context",
     "apply_permutation",
+    "context_spec",
     "identity_permutation",
     "matching_cost",
     "merge_many",
     "permutation_spec",
     "repair",
     "repair_layers",
+    "repair_merged",
     "weight_matching",
 ]
 
 METHODS = ("weight_matching", "activation_matching", "merge_many")
-COST = "squared L2 distance to the reference over the permuted weights (BatchNorm stats excluded)"
-
-
-@dataclass
-class CandidateAlignment:
-    """How one candidate was aligned: its permutation per group and the cost before / after."""
-
-    index: int
-    name: str
-    permutation: dict[str, list[int]]  # group -> perm; aligned unit i = original unit perm[i]
-    cost_before: float
-    cost_after: float
-    moved_units: int  # units that changed position, over all groups
-
-
-@dataclass
-class AlignmentReport:
-    """What alignment did, for the gate report (``to_dict`` is JSON-serialisable)."""
-
-    method: str
-    reference: int  # index of the candidate the others were matched to
-    reference_name: str
-    groups: dict[str, int]  # group -> number of units
-    seed: int
-    candidates: list[CandidateAlignment] = field(default_factory=list)
-    cost: str = COST
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def _example_from(loader: Iterable[Any] | None) -> tuple | None:

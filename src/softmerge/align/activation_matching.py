@@ -10,7 +10,6 @@ there is no coordinate descent; the only randomness is the loader's order.
 
 from __future__ import annotations
 
-import copy
 import itertools
 from collections.abc import Iterable, Mapping
 from contextlib import ExitStack
@@ -22,6 +21,7 @@ from torch import nn
 
 from softmerge.align.spec import ActivationPoint, PermutationSpec
 from softmerge.errors import DataError, PlanError
+from softmerge.evaluation import model_with_state
 
 __all__ = ["activation_matching", "batch_inputs", "unit_columns"]
 
@@ -98,7 +98,8 @@ def activation_matching(
     """Permutations (group -> index tensor, as :func:`weight_matching` returns) that match
     ``other``'s units to ``reference``'s by the correlation of their activations on ``loader``.
 
-    Needs a derived spec (its ``points``); the models run in eval mode on copies of ``model``."""
+    Needs a derived spec (its ``points``); the models run in eval mode on copies of ``model``
+    (a weightless template will do)."""
     spec.check(reference, "reference")
     spec.check(other, "candidate")
     missing = [g for g in spec.groups if not spec.points.get(g)]
@@ -107,11 +108,7 @@ def activation_matching(
             f"activation matching needs observation points for group {missing[0]!r}; "
             "derive the spec with permutation_spec(model, ...) or use weight matching"
         )
-    models = []
-    for state in (reference, other):
-        net = copy.deepcopy(model)
-        net.load_state_dict(state)
-        models.append(net.eval())
+    models = [model_with_state(model, state) for state in (reference, other)]
     points = [p for g in spec.groups for p in spec.points[g]]
     moments = {(g, p): _Moments(spec.groups[g].size) for g in spec.groups for p in spec.points[g]}
     seen = 0

@@ -21,7 +21,6 @@ done before and after the corrections.
 from __future__ import annotations
 
 import contextlib
-import copy
 import itertools
 import math
 from collections.abc import Iterable, Mapping, Sequence
@@ -33,7 +32,7 @@ from torch import nn
 from softmerge.align.activation_matching import batch_inputs
 from softmerge.align.spec import PermutationSpec, permutation_spec
 from softmerge.errors import DataError, PlanError
-from softmerge.evaluation import recalibrate_batchnorm
+from softmerge.evaluation import model_with_state, recalibrate_batchnorm
 
 __all__ = ["repair", "repair_layers"]
 
@@ -152,9 +151,8 @@ def _normalised_weights(weights: Sequence[float] | None, count: int) -> list[flo
 
 
 def _load(model: nn.Module, state: State) -> nn.Module:
-    net = copy.deepcopy(model)
-    net.load_state_dict(state)
-    return net.eval()
+    """A fresh model holding ``state`` (``model`` may be a weightless template)."""
+    return model_with_state(model, state)
 
 
 @torch.no_grad()

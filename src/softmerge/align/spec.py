@@ -851,10 +851,14 @@ def permutation_spec(
 
     ``example_input`` (a batch, or a tuple of the forward's positional inputs) makes the
     analysis exact: it resolves shape-dependent control flow, the rank of every tensor and the
-    block size of a flattened feature map. Without it, plain MLPs and CNNs still work.
+    block size of a flattened feature map. Without it, plain MLPs and CNNs still work. A
+    model on the meta device (a weightless template) is traced with the example moved there.
     Raises PlanError naming the first operation that cannot be handled.
     """
     example = _as_tuple(example_input)
+    if example is not None and any(t.is_meta for t in model.state_dict().values()):
+        # A weightless (meta) template, as the merge context keeps: shapes are all it needs.
+        example = tuple(e.to("meta") if isinstance(e, torch.Tensor) else e for e in example)
     gm = _trace(model, example)
     analysis = _Analysis(gm, set(model.state_dict()))
     analysis.run()

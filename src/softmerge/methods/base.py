@@ -148,12 +148,24 @@ class MergeMethod:
         """Run the method, timing it and measuring its peak memory."""
         with measure() as m:
             outcome = self.run(ctx)
+            if ctx.plan.repair and outcome.state is not None and "repair" not in outcome.info:
+                outcome = repaired(ctx, outcome)
         outcome.seconds, outcome.peak_mb = m.seconds, m.peak_mb
         return outcome
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.params.model_dump(by_alias=True).items())
         return f"{type(self).__name__}({args})"
+
+
+def repaired(ctx: MergeContext, outcome: MergeOutcome) -> MergeOutcome:
+    """plan.repair: the outcome with its state REPAIRed (softmerge.align.pool). Its model holds
+    that state as it is (no second BatchNorm estimate), so what is evaluated is what is written."""
+    from ..align.pool import outcome_weights, repair_merged
+
+    state, note = repair_merged(ctx, dict(outcome.items()), outcome_weights(ctx, outcome.info))
+    info = {**outcome.info, "repair": note}
+    return MergeOutcome(state, lambda: ctx.build_plain(state), info)
 
 
 REGISTRY: dict[str, type[MergeMethod]] = {}

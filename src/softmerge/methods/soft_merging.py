@@ -56,4 +56,6 @@ class SoftMerging(MergeMethod):
         )
         state = merger.merged_state_dict()
         info = {"merger": merger, "fit": merger.result}
+        if merger.repair_note is not None:  # plan.repair: done on the merger's own state
+            info["repair"] = merger.repair_note
         return MergeOutcome(state, merger.merged_model, info)

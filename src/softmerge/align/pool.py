@@ -284,7 +284,8 @@ def repair_merged(
     repaired = untouched_order(loader, lambda: repair(model, state, cands, weights, loader, spec))
     for c in [*ctx.pool, *([ctx.base_candidate] if ctx.base_candidate is not None else [])]:
         c.close()
-    out = {k: v.detach().to("cpu", state[k].dtype).contiguous() for k, v in repaired.items()}
+    # In the state's own key order: a streaming writer expects the candidates' order.
+    out = {k: repaired[k].detach().to("cpu", state[k].dtype).contiguous() for k in state}
     note = {
         "layers": repair_layers(model, spec),
         "seconds": round(time.perf_counter() - start, 3),

@@ -864,6 +864,8 @@ def targets_section(res: Results) -> list[str]:
                 "uniform soup",
                 SOUP_ALIGNED,
                 "uniform soup, aligned + REPAIR",
+                "uniform soup, aligned (MergeMany)",
+                "uniform soup, aligned (MergeMany) + REPAIR",
                 HEADLINE,
                 ALIGNED,
                 "soft (tensor), aligned + REPAIR",
@@ -871,12 +873,14 @@ def targets_section(res: Results) -> list[str]:
             )
             if res.stat("S2", c, row).n
         }
-        soup_ok = finite(gaps[SOUP_ALIGNED]) and gaps[SOUP_ALIGNED] >= -1.5
+        soups = [v for row, v in gaps.items() if row.startswith(SOUP_ALIGNED)]
+        soup_ok = any(finite(v) and v >= -1.5 for v in soups)
         soft_ok = finite(gaps.get(ALIGNED, math.nan)) and gaps[ALIGNED] >= 0.5
         lines.append(
             f"S2 {c} (best single {best:.2f}%), minus the best single model: "
             + ", ".join(f"{row} {v:+.2f}" for row, v in gaps.items())
-            + f". Aligned uniform soup within 1.5 pt: **{'met' if soup_ok else 'not met'}**; "
+            + f". Aligned uniform soup (any alignment, with or without REPAIR) within 1.5 pt: "
+            f"**{'met' if soup_ok else 'not met'}**; "
             f"aligned soft (tensor) >= best single + 0.5 pt: **{'met' if soft_ok else 'not met'}**."
         )
     for c in res.configs("S5"):

@@ -180,11 +180,13 @@ def core_specs(scale: Scale, *, parent: bool, delta: bool = False) -> list[Spec]
 
 ALIGNED = ", aligned"  # suffix of the rows merged after weight matching
 REPAIRED = ", aligned + REPAIR"
+MERGE_MANY = ", aligned (MergeMany)"
 
 
 def aligned_specs(specs: list[Spec]) -> list[Spec]:
     """S2: every method again after weight matching (the output ensemble is left out: aligning
-    changes no candidate's function), and REPAIR after the uniform soup and soft (tensor)."""
+    changes no candidate's function), REPAIR after the uniform soup and soft (tensor), and the
+    uniform soup after MergeMany (with and without REPAIR)."""
     out = []
     for spec in specs:
         if spec.method == "ensemble":
@@ -193,6 +195,13 @@ def aligned_specs(specs: list[Spec]) -> list[Spec]:
         out.append(replace(spec, row=spec.row + ALIGNED, plan=plan))
         if spec.row in ("uniform soup", "soft (tensor)"):
             out.append(replace(spec, row=spec.row + REPAIRED, plan={**plan, "repair": True}))
+        if spec.row == "uniform soup":  # MergeMany: every candidate to the others' average
+            many = {**spec.plan, "align": "merge_many"}
+            repaired = {**many, "repair": True}
+            out += [
+                replace(spec, row=spec.row + MERGE_MANY, plan=many),
+                replace(spec, row=spec.row + MERGE_MANY + " + REPAIR", plan=repaired),
+            ]
     return out
 
 

@@ -202,13 +202,23 @@ def _align_one(
 def _merge_many(
     ctx: MergeContext, spec: PermutationSpec, reference: State
 ) -> dict[str, dict[str, torch.Tensor]]:
-    """MergeMany needs every model at once: permutations by candidate name (base included)."""
+    """MergeMany needs every model at once: permutations by candidate name (base included).
+    It starts from weight matching to the reference (measured on S2, MNIST MLPs: the aligned
+    uniform soup 1.9 pt below the best single model from the weight matching alone, 1.0 pt
+    after MergeMany from there, 1.1 pt after MergeMany from the identity)."""
     cands = [c for c, ok in zip(ctx.pool, ctx.active, strict=True) if ok]
     if ctx.base_candidate is not None:
         cands.append(ctx.base_candidate)
-    states = [c.state for c in cands]
+    states = [_read(c) for c in cands]
     ref = next(i for i, c in enumerate(cands) if c is ctx.pool[ctx.reference])
-    perms = merge_many(spec, states, seed=ctx.seed, reference=ref)
+    init = [
+        identity_permutation(spec)
+        if i == ref
+        else weight_matching(spec, reference, state, seed=ctx.seed)
+        for i, state in enumerate(states)
+    ]
+    perms = merge_many(spec, states, seed=ctx.seed, reference=ref, init=init)
+    del states
     for c in cands:
         c.close()
     return {c.name: p for c, p in zip(cands, perms, strict=True)}

@@ -193,6 +193,7 @@ def merge_many(
     rounds: int = 20,
     seed: int = 0,
     reference: int = 0,
+    init: Sequence[Mapping[str, torch.Tensor]] | None = None,
 ) -> list[Perms]:
     """Align several models to their common average (Git Re-Basin's MergeMany, Alg. 3).
 
@@ -200,15 +201,23 @@ def merge_many(
     others (aligned so far), until a round changes no permutation. Returns one permutation per
     model: ``apply_permutation(spec, perms[i], states[i])`` are the aligned models. The result
     is only defined up to one common permutation, so model ``reference`` keeps its own unit order:
-    all permutations are composed so that its permutation is the identity."""
+    all permutations are composed so that its permutation is the identity. ``init`` (one
+    permutation per model, e.g. weight matching to the reference) replaces the identity start."""
     if len(states) < 2:
         raise PlanError(f"merge_many needs at least 2 models, got {len(states)}")
     if not 0 <= reference < len(states):
         raise PlanError(f"reference {reference} is outside 0..{len(states) - 1}")
     for i, state in enumerate(states):
         spec.check(state, f"candidate {i}")
-    perms = [identity_permutation(spec) for _ in states]
-    aligned = [dict(s) for s in states]
+    if init is not None and len(init) != len(states):
+        raise PlanError(f"merge_many got {len(init)} initial permutations for {len(states)} models")
+    perms = [
+        {k: torch.as_tensor(v).clone() for k, v in p.items()}
+        for p in (init or [identity_permutation(spec) for _ in states])
+    ]
+    for p in perms:
+        _check_perms(spec, p)
+    aligned = [apply_permutation(spec, p, s) for p, s in zip(perms, states, strict=True)]
     keys = spec.permuted_keys()
     generator = torch.Generator().manual_seed(seed)
     for _ in range(rounds):

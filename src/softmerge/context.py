@@ -48,6 +48,7 @@ from .evaluation import (
     recalibrate_batchnorm,
     skeleton,
 )
+from .hf import missing_aliases, tied_names
 from .memory import release_memory
 from .objectives import Objective, resolve_objective
 from .plan import GateLayout, MergePlan, build_layout
@@ -119,6 +120,15 @@ class MergeContext:
         )
         self.storage_dtype = parse_dtype(self.storage_dtype)
         self.template: nn.Module | None = None
+        self.tied: dict[str, str] = tied_names(self.model)  # {tied name: name it is tied to}
+        if self.tied:  # checkpoints that stored a tied weight once answer to both names
+            pool = [c.with_aliases(missing_aliases(c.keys(), self.tied)) for c in pool]
+            self.pool = pool
+            if self.base_candidate is not None:
+                keys = self.base_candidate.keys()
+                self.base_candidate = self.base_candidate.with_aliases(
+                    missing_aliases(keys, self.tied)
+                )
         if self.model is not None:
             expected = model_infos(self.model)
             check_fits_model(pool[0], expected)
@@ -278,8 +288,15 @@ class MergeContext:
             )
 
     def rest_keys(self) -> list[str]:
+        """Names outside the plan (tied copies excluded: they follow the name they are tied
+        to)."""
         merged = set(self.merged_names)
-        return [k for k in self.pool[0].infos if k not in merged]
+        return [k for k in self.pool[0].infos if k not in merged and k not in self.tied]
+
+    def output_keys(self) -> list[str]:
+        """The names a merged checkpoint holds: every name but tied copies (as Hugging Face's
+        ``save_pretrained`` writes them; loading re-ties them)."""
+        return [k for k in self.pool[0].infos if k not in self.tied]
 
     def rest_state(self) -> State:
         """Values of everything outside the plan (unmerged parameters and buffers), from
@@ -360,7 +377,11 @@ class MergeContext:
     def model_state(self, state: Mapping[str, torch.Tensor]) -> State:
         """``state`` on the merge's device and in the model's dtypes (for functional_call)."""
         dtypes = self.model_dtypes()
-        return {k: v.to(self.device, dtypes.get(k, v.dtype)) for k, v in state.items()}
+        return {
+            k: v.to(self.device, dtypes.get(k, v.dtype))
+            for k, v in state.items()
+            if k not in self.tied  # functional_call ties them from the name they follow
+        }
 
     def assemble(self, merged: Mapping[str, torch.Tensor]) -> State:
         """A full state dict: the merged tensors over the rest, in the model's key order (the
@@ -370,13 +391,24 @@ class MergeContext:
         order = self.template.state_dict(keep_vars=True) if self.template is not None else infos
         out = {}
         for k in order:
+            if k in self.tied:
+                continue
             value = merged[k] if k in merged else rest[k]
             out[k] = value.detach().to("cpu", infos[k].dtype).contiguous()
+        for alias, name in self.tied.items():  # the same tensor under both names
+            if alias in order:
+                out[alias] = out[name]
+        if self.tied:
+            out = {k: out[k] for k in order}
         return out
 
     def build_plain(self, state: Mapping[str, torch.Tensor]) -> nn.Module:
         """A fresh model holding ``state`` as it is (a candidate, with its own statistics)."""
-        return model_with_state(self.require_model("building a model"), state, self.device)
+        full = dict(state.items())
+        for alias, name in self.tied.items():  # tied copies a merged checkpoint leaves out
+            if alias not in full and name in full:
+                full[alias] = full[name]
+        return model_with_state(self.require_model("building a model"), full, self.device)
 
     def build(self, state: Mapping[str, torch.Tensor]) -> nn.Module:
         """A fresh model holding ``state``; BatchNorm statistics re-estimated on the merge set,

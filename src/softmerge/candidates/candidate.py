@@ -20,7 +20,7 @@ import torch
 
 from ..errors import CandidateError
 from ..memory import release_memory
-from .readers import INDEX_SUFFIX, MemoryReader, Reader, TensorInfo, open_path
+from .readers import INDEX_SUFFIX, Aliased, MemoryReader, Reader, TensorInfo, open_path
 
 logger = logging.getLogger("softmerge")
 
@@ -110,6 +110,14 @@ class Candidate:
     def scanned(self) -> bool:
         """Whether the streaming NaN/Inf scan has run."""
         return self._nonfinite is not None
+
+    def with_aliases(self, aliases: Mapping[str, str]) -> Candidate:
+        """The same checkpoint answering to more names (``{new name: stored name}``)."""
+        if not aliases:
+            return self
+        same = Candidate(self.name, Aliased(self.reader, aliases), self.source, self.hf_folder)
+        same._nonfinite = self._nonfinite
+        return same
 
     def renamed(self, name: str) -> Candidate:
         """The same checkpoint under another name (its scan is recomputed when asked)."""

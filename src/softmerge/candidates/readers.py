@@ -361,6 +361,26 @@ class PrefixStripped(Reader):
         self.inner.close()
 
 
+class Aliased(Reader):
+    """A reader that also answers to other names (tied weights a checkpoint stored once)."""
+
+    def __init__(self, inner: Reader, aliases: Mapping[str, str]) -> None:
+        self.inner = inner
+        self.source = inner.source
+        self.aliases = dict(aliases)
+        infos = inner.infos()
+        self._infos = {**infos, **{a: infos[k] for a, k in self.aliases.items()}}
+
+    def infos(self) -> dict[str, TensorInfo]:
+        return self._infos
+
+    def read(self, key: str) -> torch.Tensor:
+        return self.inner.read(self.aliases.get(key, key))
+
+    def close(self) -> None:
+        self.inner.close()
+
+
 def without_ddp_prefix(reader: Reader) -> Reader:
     keys = reader.infos()
     if keys and all(k.startswith(DDP_PREFIX) for k in keys):

@@ -75,6 +75,7 @@ def export_soft_merge(
 ) -> dict[str, Path]:
     """Weights, gates.json, gates.png, history.json and convergence.png of a fitted merge."""
     state = merger.merged_state_dict()
+    state = {k: v for k, v in state.items() if k not in merger.ctx.tied}  # re-tied on load
     info = merger.describe()
     result = merger.result
     if result is not None:

@@ -238,7 +238,7 @@ class TensorwiseMethod(MergeMethod):
         fn = METHODS[self.function]
         base = self.base_of(ctx)
         merged = set(ctx.merged_names)
-        keys = list(ctx.pool[0].infos)
+        keys = ctx.output_keys()
 
         def one_pass() -> Iterator[tuple[str, torch.Tensor]]:
             kwargs = self.tensor_kwargs(ctx)  # afresh: DARE's generator restarts every pass

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -105,10 +106,13 @@ class MergeContext:
     rank_batches: int = 4
     val_loader: Iterable[Any] | None = None  # scored during a fit (history), never trained on
     checkpoint: CheckpointSpec | None = None
+    adapter_base: Any = None  # the base model of LoRA adapter candidates (default: plan.base)
 
     def __post_init__(self) -> None:
-        pool = load_candidates(self.candidates, self.names, min_count=1)
         wanted = self.base if self.base is not None else self.plan.base
+        pool = load_candidates(
+            self.candidates, self.names, min_count=1, adapter_base=self._adapter_base(wanted)
+        )
         self.base_candidate, pool = (None, pool) if wanted is None else split_base(pool, wanted)
         need = 1 if self.base_candidate is not None else 2  # base + 1: slerp, task arithmetic
         if len(pool) < need:
@@ -146,15 +150,29 @@ class MergeContext:
         self._rest: State | None = None
         self._stack: tuple[bool, CandidateStack] | None = None
 
+    def _adapter_base(self, wanted: Any) -> Path | None:
+        """Where LoRA adapter candidates find their base model: ``adapter_base``, else the
+        base (plan.base) when it is a path."""
+        if self.adapter_base is not None:
+            return Path(self.adapter_base)
+        if isinstance(wanted, (str, os.PathLike)) and Path(wanted).exists():
+            return Path(wanted)
+        return None
+
     # -- what merges -------------------------------------------------------------------------
 
     def _mergeable_shapes(self) -> dict[str, tuple[int, ...]]:
         """The model's parameters (buffers come from rest_from), or without a model every
         floating tensor of the candidates."""
         if self.template is not None:
-            return {n: tuple(p.shape) for n, p in self.template.named_parameters()}
-        infos: Mapping[str, TensorInfo] = self.pool[0].infos
-        return {k: i.shape for k, i in infos.items() if i.dtype.is_floating_point}
+            shapes = {n: tuple(p.shape) for n, p in self.template.named_parameters()}
+        else:
+            infos: Mapping[str, TensorInfo] = self.pool[0].infos
+            shapes = {k: i.shape for k, i in infos.items() if i.dtype.is_floating_point}
+        if all(c.is_adapter for c in self.pool):  # adapters change only what they target
+            targets = {t for c in self.pool for t in c.targets}
+            shapes = {k: v for k, v in shapes.items() if k in targets}
+        return shapes
 
     def layout_for(self, granularity: str) -> GateLayout:
         """The gate units of this plan at another granularity (learned soups: per tensor)."""

@@ -35,9 +35,7 @@ def _transformers() -> Any:
     try:
         import transformers
     except ImportError as exc:  # pragma: no cover - the hf extra is not installed
-        raise ConfigError(
-            "model.hf needs transformers: pip install 'softmerge[hf]'"
-        ) from exc
+        raise ConfigError("model.hf needs transformers: pip install 'softmerge[hf]'") from exc
     return transformers
 
 
@@ -68,8 +66,7 @@ def build_hf_model(folder: Path, task: str | None = None) -> nn.Module:
     names = raw.get("architectures") or []
     if not names:
         raise ConfigError(
-            f"{folder}/config.json: no 'architectures' entry; set model.task "
-            f"({', '.join(TASKS)})"
+            f"{folder}/config.json: no 'architectures' entry; set model.task ({', '.join(TASKS)})"
         )
     cls = getattr(transformers, names[0], None)
     if cls is None:

@@ -89,6 +89,10 @@ class Reader:
     def close(self) -> None:
         """Drop open handles and mappings; the next read reopens them."""
 
+    def factors(self, key: str) -> Any:
+        """Low-rank factors of ``key`` when the reader is a LoRA adapter (else None)."""
+        return None
+
 
 # --------------------------------------------------------------------------- safetensors
 
@@ -376,6 +380,9 @@ class Aliased(Reader):
 
     def read(self, key: str) -> torch.Tensor:
         return self.inner.read(self.aliases.get(key, key))
+
+    def factors(self, key: str) -> Any:
+        return self.inner.factors(self.aliases.get(key, key))
 
     def close(self) -> None:
         self.inner.close()

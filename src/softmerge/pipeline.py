@@ -484,7 +484,8 @@ def compare_entries(cfg: MergeConfig, ctx: MergeContext, only: list[str] | None)
         ]
     else:
         soft = cfg.fit.model_dump(exclude={"seed", "progress"})
-        entries = default_entries(len(ctx.pool), ctx.base_candidate is not None, soft)
+        adapters = all(c.is_adapter for c in ctx.pool)
+        entries = default_entries(len(ctx.pool), ctx.base_candidate is not None, soft, adapters)
     if only:
         known = {e.label for e in entries} | {e.method.name for e in entries}
         unknown = [name for name in only if name not in known]

@@ -137,6 +137,7 @@ class MergeMethod:
     needs_base: ClassVar[bool] = False  # merges task vectors theta_j - theta_0
     needs_data: ClassVar[bool] = False  # learns or scores on the merge set
     single_model: ClassVar[bool] = True  # False: keeps N models (output ensemble)
+    needs_adapters: ClassVar[bool] = False  # only merges LoRA adapter candidates
 
     def __init__(self, params: MethodParams | None = None) -> None:
         self.params = params if params is not None else self.Params()

@@ -43,6 +43,7 @@ class PeftParams(MethodParams):
 class PeftCombination(MergeMethod):
     name = "peft"
     Params = PeftParams
+    needs_adapters = True
     summary = "PEFT's add_weighted_adapter over LoRA adapters (linear, cat, svd, ties, dare...)"
 
     def run(self, ctx: MergeContext) -> MergeOutcome:

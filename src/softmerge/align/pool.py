@@ -144,6 +144,12 @@ def align_context(ctx: MergeContext) -> AlignmentReport:
     Non-finite candidates are left as they are (they never merge) and reported as skipped."""
     start = time.perf_counter()
     method = ctx.plan.align
+    adapters = [c.name for c in ctx.pool if getattr(c, "is_adapter", False)]
+    if adapters:
+        raise PlanError(
+            f"plan.align {method!r}: candidate {adapters[0]!r} is a LoRA adapter; adapters of "
+            "one base share its hidden units, so there is nothing to align (set plan.align: none)"
+        )
     spec = context_spec(ctx)
     index = ctx.reference
     pool, active = ctx.pool, ctx.active

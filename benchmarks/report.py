@@ -580,7 +580,7 @@ def claim6(res: Results) -> dict[str, str]:
                 and not row.startswith(("output ensemble", "best single"))
             }
             top = max(rivals.items(), key=lambda kv: kv[1] if finite(kv[1]) else -1e9)
-            loss_soft = mean_acc(res, s, c, HEADLINE, "test_loss")
+            loss_soft = mean_acc(res, s, c, ALIGNED if aligned else HEADLINE, "test_loss")
             loss_best = mean_acc(res, s, c, "best single (chosen on merge split)", "test_loss")
             lines.append(
                 f"{name}: soft {soft.mean:.2f} vs max(best single {best.mean:.2f}, uniform "

@@ -440,3 +440,33 @@ def test_shared_noise_keeps_the_order_of_a_units_gates():
         independent.log_alpha.copy_(gates.log_alpha)
     samples = torch.stack([independent.sample(g) for _ in range(20)])
     assert (samples[:, 1:] < samples[:, :-1]).any()
+
+
+def test_yaml_compare_entries_align_each_method_kind(tmp_path, independent, capsys):
+    """softmerge compare: an entry's plan can ask for alignment; a static, a learned and a
+    soft merge run on the aligned pool, and the aligned soup beats the plain one."""
+    _, paths = independent
+    methods = [
+        {"method": "uniform_soup", "label": "soup"},
+        {"method": "uniform_soup", "label": "aligned soup", "plan": {"align": "weight_matching"}},
+        {
+            "method": "learned_soup",
+            "label": "aligned learned soup",
+            "params": {"steps": 3},
+            "plan": {"align": "weight_matching"},
+        },
+        {
+            "method": "soft",
+            "label": "aligned soft",
+            "params": {"steps": 5},
+            "plan": {"align": "weight_matching", "repair": True},
+        },
+    ]
+    cfg = _config(tmp_path, paths, methods=methods)
+    assert main(["compare", str(cfg), "--no-progress", "-q"]) == 0
+    rows = {
+        r["method"]: r for r in json.loads((tmp_path / "out" / "compare.json").read_text())["rows"]
+    }
+    assert rows["aligned soup"]["accuracy"] > rows["soup"]["accuracy"] + 10
+    assert rows["aligned soft"]["info"]["repair"]["layers"] == ["net.1"]
+    assert all(rows[k]["accuracy"] is not None for k in ("aligned learned soup", "aligned soft"))

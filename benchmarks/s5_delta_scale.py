@@ -6,7 +6,9 @@ several whole task vectors, and the expected loss favours closing gates. This sc
 obvious remedy without changing the library: give the gates theta_0 + s * tau_j as candidates,
 so an open gate adds a scaled task vector. It reuses `make bench`'s cached S5 candidates
 (bench-out/cache; run `make bench` first) and prints test accuracy per seed, scale and
-granularity. Exploratory: the library's delta formula is unchanged.
+granularity. Exploratory, and older than issue 13: since then the library's delta merges sample
+their gates with shared noise and can learn the scale (``plan.delta_scale: learn``), which the
+benchmark's S5 rows measure (docs/method.md).
 
     python benchmarks/s5_delta_scale.py --scales 1.0 0.4 0.2
 """

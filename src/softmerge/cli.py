@@ -1,5 +1,6 @@
-"""The ``softmerge`` command: ``merge`` and ``compare`` a YAML config, ``inspect`` checkpoints,
-list ``methods``, run the ``demo``. A thin layer over :mod:`softmerge.pipeline`.
+"""The ``softmerge`` command: ``merge`` and ``compare`` a YAML config, follow its L0 ``path``,
+``inspect`` checkpoints, list ``methods``, run the ``demo``. A thin layer over
+:mod:`softmerge.pipeline`.
 
 Every :class:`SoftmergeError` becomes one line on stderr (``softmerge: error: ...``) and exit
 code 2. Command-line options are overrides of the config (``--steps N`` is ``--set
@@ -24,7 +25,7 @@ from .context import CheckpointSpec
 from .errors import ConfigError, OutputError, SoftmergeError
 from .io import check_output_dir, writable_problem
 from .methods import METHOD_NAMES, REGISTRY
-from .pipeline import run_compare, run_key, run_merge
+from .pipeline import run_compare, run_key, run_merge, run_path
 
 log = logging.getLogger("softmerge")
 
@@ -108,6 +109,13 @@ def cmd_compare(args: argparse.Namespace) -> int:
     out = output_dir(cfg, args)
     only = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
     run_compare(cfg, out, progress=cfg.fit.progress, only=only)
+    return 0
+
+
+def cmd_path(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    out = output_dir(cfg, args)
+    run_path(cfg, out, progress=cfg.fit.progress)
     return 0
 
 
@@ -262,6 +270,32 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--no-progress", action="store_true", help="hide progress bars")
     _add_overrides(comp)
     comp.set_defaults(handler=cmd_compare)
+
+    path = sub.add_parser(
+        "path",
+        parents=[common],
+        help="the L0 path: how many candidates a merge needs, and which matter most",
+        description="Train the gates of CONFIG.yaml's soft merge over a λ grid (found from "
+        "'nothing closes' to 'one candidate per unit'), each λ warm-started from the previous "
+        "one; write path.json, path.png and path.md into the output folder, and print the "
+        "table, the λ chosen on held-out data and the candidates' importance.",
+    )
+    path.add_argument("config", type=Path, metavar="CONFIG.yaml")
+    path.add_argument(
+        "--out", type=Path, metavar="DIR", help="output folder (overrides output.dir)"
+    )
+    path.add_argument(
+        "--steps",
+        type=_positive_int,
+        metavar="N",
+        help="steps of the first (dense) fit; each later λ gets N/10 (overrides fit.steps)",
+    )
+    path.add_argument(
+        "--seed", type=int, metavar="S", help="seed of the gate noise and of the data order"
+    )
+    path.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    _add_overrides(path)
+    path.set_defaults(handler=cmd_path)
 
     methods = sub.add_parser(
         "methods",

@@ -46,7 +46,10 @@ class FitConfig(Settings):
     epochs: float | None = Field(None, gt=0, allow_inf_nan=False)  # passes over the merge set
     lr: float = Field(0.1, gt=0, le=MAX_LR, allow_inf_nan=False)  # learning rate of the gates
     optimizer: Literal["sgd", "adam"] = "sgd"  # SGD has momentum 0.9; see docs/method.md
-    l0_lambda: float = Field(1e-3, ge=0, allow_inf_nan=False)  # weight of the expected L0
+    # Weight of the expected L0 term, or "auto": chosen along the L0 path (softmerge.path) as
+    # the sparsest merge whose held-out loss is within l0_tolerance (relative) of the best.
+    l0_lambda: float | Literal["auto"] = 1e-3
+    l0_tolerance: float = Field(0.01, ge=0, allow_inf_nan=False)
     init_gate: float = Field(0.5, gt=0, lt=1)  # every gate starts here: uniform-soup start
     seed: int = Field(0, ge=0, lt=2**64)  # the gate noise (the loader's order is its own)
     # "auto" (follows the model), "classification" ("cross_entropy"), "causal_lm",
@@ -73,6 +76,21 @@ class FitConfig(Settings):
             choices = ", ".join(OBJECTIVE_NAMES)
             raise ValueError(f"expected one of {choices} or 'module:function', got {value!r}")
         return value
+
+    @field_validator("l0_lambda", mode="before")
+    @classmethod
+    def _lambda_or_auto(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            if value != "auto":
+                raise ValueError(f"expected a number >= 0 or 'auto', got {value!r}")
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise ValueError(f"expected a finite number, got {value!r}")
+            if value < 0:
+                raise ValueError(f"must be >= 0, got {value!r}")
+            return float(value)
+        raise ValueError(f"expected a number >= 0 or 'auto', got {value!r}")
 
     @field_validator("device", mode="after")
     @classmethod

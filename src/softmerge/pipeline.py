@@ -358,6 +358,7 @@ def summary_markdown(summary: dict[str, Any]) -> str:
         lines += [table_markdown(summary["results"], key="model"), ""]
     else:
         lines += [f"Evaluation {summary['evaluation']}.", ""]
+    lines += _path_lines(summary.get("info", {}))
     if summary.get("gates"):
         gate_rows = [{"candidate": name, **row} for name, row in summary["gates"].items()]
         lines += ["## Gates per candidate", "", format_markdown_table(gate_rows, floatfmt=".3f")]
@@ -365,7 +366,29 @@ def summary_markdown(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _path_lines(info: dict[str, Any]) -> list[str]:
+    """The λ chosen along the L0 path and the candidates' importance (l0_lambda: auto)."""
+    if "l0_choice" not in info:
+        return []
+    from .path import choice_text, importance_text
+
+    return [
+        "## λ chosen on held-out data (fit.l0_lambda: auto)",
+        "",
+        choice_text(info["l0_choice"]) + f"; held-out data: {info['l0_choice'].get('held_out')}",
+        "",
+        "Candidate importance (the λ at which its gates close along the L0 path):",
+        "",
+        "```",
+        importance_text({"importance": info.get("importance", [])}),
+        "```",
+        "",
+    ]
+
+
 def print_merge_report(summary: dict[str, Any], out: Path) -> None:
+    for line in _path_lines(summary.get("info", {}))[2:3]:
+        print(line)
     if summary["results"]:
         cols = [
             c
@@ -451,3 +474,30 @@ def run_key(cfg: MergeConfig) -> str:
         sort_keys=True,
         default=str,
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# softmerge path
+
+
+def run_path(cfg: MergeConfig, out: Path, *, progress: bool) -> dict[str, Any]:
+    """The L0 path of the config's soft merge (:mod:`softmerge.path`): path.json, path.png and
+    path.md staged into ``out``; the table and the importance order printed."""
+    from .path import choice_text, importance_text, merge_path, table_rows, write_path_outputs
+
+    if cfg.method != "soft":
+        raise ConfigError(
+            f"{cfg.source}: method: softmerge path follows soft merging's gates; "
+            f"{cfg.method!r} has none"
+        )
+    run = prepare_run(cfg, progress=progress)
+    ctx = run.context()
+    fit = cfg.build_method("soft", cfg.params).fit_config(ctx)  # type: ignore[attr-defined]
+    _, path = merge_path(ctx, fit, eval_loader=run.eval)
+    with staged_output(out) as stage:
+        files = write_path_outputs(stage, path)
+    print(format_table(table_rows(path), floatfmt=".4g"))
+    print("\n" + choice_text(path.choice))
+    print("\ncandidate importance (most important first):\n" + importance_text(path))
+    print(f"\n{', '.join(p.name for p in files.values())} in {out}")
+    return path.to_dict()

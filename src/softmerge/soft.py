@@ -27,7 +27,7 @@ import os
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -53,6 +53,9 @@ from .fit import (
 )
 from .objectives import LossFn, Totals
 from .plan import GateLayout, MergePlan
+
+if TYPE_CHECKING:
+    from .path import LambdaPath
 
 log = logging.getLogger("softmerge")
 
@@ -113,6 +116,7 @@ class SoftMerger:
         self._generator: torch.Generator | None = None
         self._bn_buffers: dict[str, torch.Tensor] | None = None
         self.result: FitResult | None = None
+        self.path: LambdaPath | None = None  # set by fit_path (and fit with l0_lambda "auto")
 
     def _report_excluded(self) -> None:
         for cand, ok in zip(self.ctx.pool, self.ctx.active, strict=True):
@@ -271,6 +275,8 @@ class SoftMerger:
         uninterrupted run. A checkpoint saved by a different merge (candidates, plan, fit
         settings, seed, ``run_key`` or data) is refused with a ConfigError."""
         cfg = config or FitConfig()
+        if cfg.l0_lambda == "auto":
+            return self._fit_auto(loader, cfg, loss_fn, checkpoint is not None or resume)
         ckpt = None if checkpoint is None else Path(checkpoint)
         if resume and ckpt is None:
             raise PlanError("resume=True needs checkpoint=<path of the checkpoint file>")
@@ -302,6 +308,84 @@ class SoftMerger:
         )
         return self.result
 
+    def fit_path(
+        self,
+        loader: Iterable[Batch],
+        lambdas: Sequence[float] | None = None,
+        *,
+        config: FitConfig | None = None,
+        held_out: Iterable[Batch] | None = None,
+        loss_fn: LossFn | None = None,
+        stage_steps: int | None = None,
+        max_steps: int | None = None,
+    ) -> LambdaPath:
+        """The L0 path (:mod:`softmerge.path`): the gates trained over a λ grid (``lambdas``,
+        or found from "nothing closes" to "one candidate per unit"), each λ warm-started from
+        the previous one; per λ the open gates and the scores on ``loader`` and ``held_out``;
+        candidate importance; the merger is left at the sparsest λ within
+        ``config.l0_tolerance`` of the best held-out loss."""
+        from .path import fit_path
+
+        return fit_path(
+            self,
+            loader,
+            lambdas,
+            config=config,
+            held_out=held_out,
+            loss_fn=loss_fn,
+            stage_steps=stage_steps,
+            max_steps=max_steps,
+        )
+
+    def _fit_auto(
+        self, loader: Iterable[Batch], cfg: FitConfig, loss_fn: LossFn | None, checkpointed: bool
+    ) -> FitResult:
+        """``l0_lambda: auto`` through ``fit``: a seeded part of ``loader`` is held out."""
+        from .path import split_held_out
+
+        if checkpointed:
+            raise PlanError("l0_lambda 'auto' runs the L0 path, which is not checkpointed")
+        learn, held = split_held_out(loader, seed=cfg.seed)
+        self.fit_path(learn, config=cfg, held_out=held, loss_fn=loss_fn)
+        assert self.result is not None
+        return self.result
+
+    def continue_loop(
+        self, steps: int, l0_lambda: float, optimizer: torch.optim.Optimizer, cfg: FitConfig
+    ) -> FitLoop:
+        """A loop that continues the current gates (no re-initialisation, no warm-up) with
+        ``optimizer`` and the noise generator of the last ``make_loop``, ``steps`` steps at
+        ``l0_lambda``: a warm start (one stage of an L0 path)."""
+        if self._generator is None:
+            raise PlanError("continue_loop needs a first loop: call make_loop (or fit) first")
+        self._l0_lambda = l0_lambda
+        self._warmup = 0
+        recorder = Recorder(cfg.record_every, self._record_extra, self.deterministic_gates)
+        return FitLoop(
+            self,
+            optimizer,
+            steps,
+            generator=self._generator,
+            grad_clip=cfg.grad_clip,
+            callbacks=[recorder, Progress(f"gates λ={l0_lambda:.3g}", cfg.progress)],
+        )
+
+    def use_gates(
+        self, state: Mapping[str, torch.Tensor], loader: Iterable[Batch] | None = None
+    ) -> None:
+        """Load gate parameters (``self.gates.state_dict()`` of another moment, e.g. a point of
+        an L0 path); with ``loader``, BatchNorm statistics are re-estimated for them."""
+        self.gates.load_state_dict(dict(state))
+        self._bn_buffers = None
+        if loader is not None and has_batchnorm(self.model):
+            self.model.eval()
+            self._bn_buffers = self._recalibrated_buffers(loader)
+
+    def score(self, loader: Iterable[Batch]) -> dict[str, float]:
+        """Loss and metric of the current deterministic merge on ``loader`` (BatchNorm on batch
+        statistics, as during training)."""
+        return self._score(loader)
+
     def make_loop(
         self,
         loader: Iterable[Batch],
@@ -312,6 +396,8 @@ class SoftMerger:
         """The fit loop of ``cfg`` on ``loader``, ready to run: candidates ranked, gates
         initialised, optimiser and callbacks (record, validate, progress) in place. ``fit``
         runs it; a benchmark can time ``loop.train_step(batch)`` on its own."""
+        if cfg.l0_lambda == "auto":
+            raise PlanError("a fit loop trains at one λ; l0_lambda 'auto' runs the L0 path (fit)")
         ctx = self.ctx
         ctx.use_data(loader, loss_fn or cfg.objective, cfg.rank_batches)
         losses = ctx.solo_losses()

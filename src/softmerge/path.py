@@ -639,6 +639,10 @@ def choice_text(choice: Mapping[str, Any]) -> str:
     )
 
 
+def _g(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3g}"
+
+
 def path_markdown(path: LambdaPath) -> str:
     from .report import format_markdown_table
 
@@ -649,8 +653,8 @@ def path_markdown(path: LambdaPath) -> str:
         "",
         f"- candidates: {', '.join(data['candidates'])}; {data['units']} gate units; "
         f"combine {data['combine']}",
-        f"- grid: {grid['found']}, lower end λ = {grid.get('lower')}, upper end λ = "
-        f"{grid.get('upper')} (one candidate per unit reached: "
+        f"- grid: {grid['found']}, lower end λ = {_g(grid.get('lower'))}, upper end λ = "
+        f"{_g(grid.get('upper'))} (one candidate per unit reached: "
         f"{'yes' if grid.get('upper_reached') else 'no'})"
         + (f"; {grid['note']}" if grid.get("note") else ""),
         f"- cost: {data['cost']['steps']} gate steps = {data['cost']['steps_ratio']:.2f} x one "

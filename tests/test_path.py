@@ -16,7 +16,7 @@ import yaml
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Subset
 
-from softmerge import FitConfig, MergePlan, PlanError, SoftMerger
+from softmerge import ConfigError, FitConfig, MergePlan, PlanError, SoftMerger
 from softmerge.cli import main
 from softmerge.data import digits_splits
 from softmerge.fit import FitLoop
@@ -175,6 +175,9 @@ def test_bad_lambda_settings_are_clear_errors() -> None:
     with pytest.raises(PlanError, match="l0_tolerance must be >= 0"):
         FitConfig(l0_tolerance=-0.01)
     assert FitConfig(l0_lambda="auto").l0_tolerance == 0.01
+    # The soft method's parameters carry the same check (a config's `params:` or `methods:`).
+    with pytest.raises(ConfigError, match=r"method 'soft': l0_lambda: must be >= 0, got -1\.0$"):
+        get_method("soft", l0_lambda=-1.0)
 
 
 # ------------------------------------------------------------------------------- importance

@@ -23,10 +23,10 @@ import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import Annotated, Any, Literal, Protocol
 
 import torch
-from pydantic import Field, field_validator
+from pydantic import BeforeValidator, Field, field_validator
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -39,6 +39,25 @@ from .stack import parse_device, parse_dtype
 MAX_LR = 1e6  # a larger gate learning rate is a typo (and overflows float32 in the optimiser)
 
 
+def _lambda_or_auto(value: Any) -> Any:
+    """A number >= 0 or the word "auto" (checked here, so the message names no union branch)."""
+    if isinstance(value, str):
+        if value != "auto":
+            raise ValueError(f"expected a number >= 0 or 'auto', got {value!r}")
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not math.isfinite(value):
+            raise ValueError(f"expected a finite number, got {value!r}")
+        if value < 0:
+            raise ValueError(f"must be >= 0, got {value!r}")
+        return float(value)
+    raise ValueError(f"expected a number >= 0 or 'auto', got {value!r}")
+
+
+# Annotated: the check travels with the type (soft merging's method parameters copy it).
+Lambda = Annotated[float | Literal["auto"], BeforeValidator(_lambda_or_auto)]
+
+
 class FitConfig(Settings):
     """How the gates are learned. Defaults are the ones `docs/method.md` argues for."""
 
@@ -48,7 +67,7 @@ class FitConfig(Settings):
     optimizer: Literal["sgd", "adam"] = "sgd"  # SGD has momentum 0.9; see docs/method.md
     # Weight of the expected L0 term, or "auto": chosen along the L0 path (softmerge.path) as
     # the sparsest merge whose held-out loss is within l0_tolerance (relative) of the best.
-    l0_lambda: float | Literal["auto"] = 1e-3
+    l0_lambda: Lambda = 1e-3
     l0_tolerance: float = Field(0.01, ge=0, allow_inf_nan=False)
     init_gate: float = Field(0.5, gt=0, lt=1)  # every gate starts here: uniform-soup start
     seed: int = Field(0, ge=0, lt=2**64)  # the gate noise (the loader's order is its own)
@@ -76,21 +95,6 @@ class FitConfig(Settings):
             choices = ", ".join(OBJECTIVE_NAMES)
             raise ValueError(f"expected one of {choices} or 'module:function', got {value!r}")
         return value
-
-    @field_validator("l0_lambda", mode="before")
-    @classmethod
-    def _lambda_or_auto(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            if value != "auto":
-                raise ValueError(f"expected a number >= 0 or 'auto', got {value!r}")
-            return value
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            if not math.isfinite(value):
-                raise ValueError(f"expected a finite number, got {value!r}")
-            if value < 0:
-                raise ValueError(f"must be >= 0, got {value!r}")
-            return float(value)
-        raise ValueError(f"expected a number >= 0 or 'auto', got {value!r}")
 
     @field_validator("device", mode="after")
     @classmethod

@@ -960,7 +960,8 @@ def path_section(res: Results) -> list[str]:
         "gate closes; then from the last λ where nothing closed, λ × 10^(1/8) per stage, each "
         "warm-started from the previous one, until every unit keeps at most one open gate; a "
         "stage is a tenth of the steps; at most 2.5× the steps in all) and keeps the sparsest "
-        "point whose held-out loss is within the tolerance (1 %) of the path's best. "
+        "point whose held-out loss is within the tolerance (1 %) of the path's best, among the "
+        "points whose learning loss is within 1 % of the path's best learning loss. "
         f"The paths took {statistics.fmean(cost):.2f}× the steps of one merge on average "
         f"(at most {max(cost):.2f}×)."
         if cost

@@ -196,7 +196,9 @@ def test_useless_candidate_closes_first_and_ranks_last(model_path) -> None:
     assert math.isclose(sum(r["share"] for r in path.importance), 1.0)
 
 
-def _point(lam: float, used: float, loss: float, open_units: dict[str, int]) -> PathPoint:
+def _point(
+    lam: float, used: float, loss: float, open_units: dict[str, int], learn: float | None = None
+) -> PathPoint:
     return PathPoint(
         lam=lam,
         steps=1,
@@ -209,7 +211,7 @@ def _point(lam: float, used: float, loss: float, open_units: dict[str, int]) -> 
         one_fraction=0.0,
         expected_l0=used,
         gates={},
-        learn={"loss": loss + 1},
+        learn={"loss": loss + 1 if learn is None else learn},
         held_out={"loss": loss},
     )
 
@@ -246,6 +248,22 @@ def test_choice_is_the_sparsest_point_within_the_tolerance() -> None:
     assert choose(points, 0.01, "learn")["index"] == 3
 
 
+def test_choice_ignores_a_held_out_best_the_learning_loss_disowns() -> None:
+    """A point whose learning loss is more than the tolerance above the path's best does not
+    compete (nor set the bar), however low its held-out loss; equal sparsity: smaller λ."""
+    points = [
+        _point(0.0, 5, 1.000, {}, learn=1.000),
+        _point(0.1, 5, 1.004, {}, learn=1.001),
+        _point(0.2, 5, 0.950, {}, learn=1.050),  # held-out best, but 5 % worse where it learns
+        _point(0.3, 4, 1.008, {}, learn=1.005),
+    ]
+    choice = choose(points, 0.01, "held_out")
+    assert choice["eligible"] == 3 and choice["best_index"] == 0
+    assert choice["index"] == 3 and choice["limit"] == pytest.approx(1.01)
+    points[3] = _point(0.3, 4, 1.02, {}, learn=1.005)  # now too far on held-out data
+    assert choose(points, 0.01, "held_out")["index"] == 0  # 5 per unit: the smaller λ
+
+
 def test_auto_lambda_through_the_method_picks_within_tolerance(pool, digits) -> None:
     ctx = MergeContext(
         _mlp(),
@@ -258,9 +276,11 @@ def test_auto_lambda_through_the_method_picks_within_tolerance(pool, digits) -> 
     choice, path = outcome.info["l0_choice"], outcome.info["path"]
     assert choice["held_out"].startswith("split: 20 %")
     held = [p.held_out["loss"] for p in path.points]
-    assert choice["loss"] == held[choice["index"]] <= min(held) * 1.01
-    sparser = [p for p in path.points if p.used_per_unit < path.chosen.used_per_unit]
-    assert all(p.held_out["loss"] > choice["limit"] for p in sparser)
+    learn = [p.learn["loss"] for p in path.points]
+    eligible = [k for k in range(len(held)) if learn[k] <= min(learn) * 1.01]
+    assert choice["loss"] == held[choice["index"]] <= min(held[k] for k in eligible) * 1.01
+    sparser = [k for k in eligible if path.points[k].used_per_unit < path.chosen.used_per_unit]
+    assert all(held[k] > choice["limit"] for k in sparser)
     # The merge is the chosen point's: its gates, its weights.
     merger = outcome.info["merger"]
     assert torch.equal(merger.gates.log_alpha.detach(), path.chosen.gates["log_alpha"])

@@ -529,26 +529,42 @@ def _selection_loss(p: PathPoint) -> float:
     return float(scores.get("loss", math.nan))
 
 
+def _within(losses: Sequence[float], among: Sequence[int], tolerance: float) -> tuple[int, float]:
+    """The index of the lowest loss among ``among`` and the limit ``tolerance`` above it."""
+    best = min(among, key=lambda k: losses[k])
+    return best, losses[best] + tolerance * abs(losses[best])
+
+
 def choose(points: Sequence[PathPoint], tolerance: float, on: str) -> dict[str, Any]:
-    """The sparsest point (fewest candidates used per unit; then the lower loss) whose ``on``
-    loss ("held_out" or "learn") is within ``tolerance`` (relative) of the best point's."""
-    losses = [
-        _selection_loss(p) if on == "held_out" else p.learn.get("loss", math.nan) for p in points
-    ]
-    finite = [k for k, v in enumerate(losses) if math.isfinite(v)]
+    """The λ of ``l0_lambda: auto``: the sparsest point (fewest candidates used per unit; ties
+    go to the smaller λ, the less penalised merge) whose ``on`` loss ("held_out" or "learn") is
+    within ``tolerance`` (relative) of the best. With held-out data, only points whose learning
+    loss is within ``tolerance`` of the path's best learning loss compete: a few hundred
+    held-out samples cannot resolve 1 %, and the penalty's pull on gates that stay open can
+    lower the held-out loss by chance while the merge gets worse (docs/method.md)."""
+    learn = [p.learn.get("loss", math.nan) for p in points]
+    losses = [_selection_loss(p) for p in points] if on == "held_out" else learn
+    finite = [k for k in range(len(points)) if math.isfinite(losses[k])]
+    finite = [k for k in finite if math.isfinite(learn[k])] or finite
     if not finite:
         return {
             "index": 0,
             "lambda": points[0].lam,
             "open_per_unit": points[0].open_per_unit,
+            "used_per_unit": points[0].used_per_unit,
             "selected_on": on,
             "tolerance": tolerance,
             "note": "no point has a finite loss: the first point is kept",
         }
-    best = min(finite, key=lambda k: losses[k])
-    limit = losses[best] + tolerance * abs(losses[best])
-    allowed = [k for k in finite if losses[k] <= limit]
-    index = min(allowed, key=lambda k: (points[k].used_per_unit, losses[k], -points[k].lam))
+    extra: dict[str, Any] = {}
+    eligible = finite
+    if on == "held_out":
+        learn_best, learn_limit = _within(learn, finite, tolerance)
+        eligible = [k for k in finite if learn[k] <= learn_limit]
+        extra = {"learn_best_loss": learn[learn_best], "learn_limit": learn_limit}
+    best, limit = _within(losses, eligible, tolerance)
+    allowed = [k for k in eligible if losses[k] <= limit]
+    index = min(allowed, key=lambda k: (points[k].used_per_unit, points[k].lam))
     return {
         "index": index,
         "lambda": points[index].lam,
@@ -560,6 +576,8 @@ def choose(points: Sequence[PathPoint], tolerance: float, on: str) -> dict[str, 
         "best_loss": losses[best],
         "best_open_per_unit": points[best].open_per_unit,
         "limit": limit,
+        **extra,
+        "eligible": len(eligible),
         "tolerance": tolerance,
         "selected_on": on,
     }
@@ -757,6 +775,10 @@ def merge_path(
         learn, held = split_held_out(data, seed=ctx.seed)
         how = f"split: {100 * HELD_OUT_FRACTION:g} % of the merge data (seed {ctx.seed})"
     path = merger.fit_path(learn, config=cfg, held_out=held)
+    # The fit made the learning part the context's merge data; other methods sharing the
+    # context (softmerge compare) get the whole merge data again. The ranking, made on the
+    # learning part, stays: the merge's fallback and rest depend on it.
+    ctx.merge_loader = data
     path.choice["held_out"] = how
     if eval_loader is not None:
         evaluate_points(merger, path, eval_loader, learn if cfg.recalibrate_bn else None)

@@ -477,6 +477,7 @@ def run_path(work: Path, rounds: int, granularities: list[str]) -> list[dict[str
             "auto_cpu_s": statistics.median(t[1] for t in times["auto"]),
             **path_info,
         }
+        row["load_avg"] = os.getloadavg()[0]  # other processes slow wall time, not CPU time
         row["ratio"] = row["auto_s"] / row["default_s"]
         row["cpu_ratio"] = row["auto_cpu_s"] / row["default_cpu_s"]
         print(f"path {granularity}: {row}", flush=True)
@@ -489,12 +490,14 @@ def _path_section(path: list[dict[str, Any]], meta: dict[str, Any]) -> list[str]
         "## The L0 path against one default merge",
         "",
         f"_Measured {meta['date']}, {path[0]['threads']} torch thread(s), median of "
-        f"{path[0]['rounds']} alternating rounds._ The demo's 5 clean children (MNIST-1D CNN, "
-        "64 channels; merge split 2,000 samples, batch 128). *default*: one soft merge at "
-        "λ = 1e-3 (300 steps). *auto*: `fit.l0_lambda: auto`: the L0 path (a dense fit of 300 "
-        "steps at λ = 0, then warm-started stages of 30 steps: the coarse search for the lower "
-        "end and the grid up to one candidate per unit, at most 750 steps in all), every point "
-        "scored on the learning and the held-out data, the chosen point's gates kept. Both "
+        f"{path[0]['rounds']} alternating rounds, 1-min load average "
+        f"{max(r.get('load_avg', 0.0) for r in path):.2f}._ The demo's 5 clean children "
+        "(MNIST-1D CNN, 64 channels; merge split 2,000 samples, batch 128). *default*: one "
+        "soft merge at λ = 1e-3 (300 steps). *auto*: `fit.l0_lambda: auto`: the L0 path (a "
+        "dense fit of 300 steps at λ = 0, then warm-started stages of 30 steps: the coarse "
+        "search for the lower end and the grid up to one candidate per unit, at most 750 "
+        "steps in all), every point scored on the learning and the held-out data, the "
+        "chosen point's gates kept. Both "
         "from `SoftMerger(...)` to `merged_state_dict()`. Target: auto ≤ 3× default.",
         "",
     ]

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from . import __version__
+from . import __version__, distributed
 from .batches import logits_of, split_batch
 from .compare import (
     Comparison,
@@ -220,17 +220,22 @@ def run_merge(
             "has no single merged state dict; compare it with softmerge compare instead"
         )
     run = prepare_run(cfg, progress=progress)
+    distributed.prepare_writer_wait()
     ctx = run.context(checkpoint if cfg.method == "soft" else None)
     log.info("merging %d candidates with %s", len(ctx.pool), method)
     outcome = method.merge(ctx)
-    rows = merge_rows(run, ctx, method, outcome)
-    summary = merge_summary(cfg, run, ctx, method, outcome, rows, out)
-    with staged_output(out) as stage:
-        files = write_outcome(stage, ctx, method, outcome, cfg)
-        summary["seconds"]["total"] = round(time.perf_counter() - start, 3)
-        summary["files"] = [*files, "summary.json", "summary.md"]
-        write_json(stage / "summary.json", summary)
-        write_text(stage / "summary.md", summary_markdown(summary))
+    if not distributed.is_writer():
+        distributed.wait_for_writer()  # rank 0 evaluates and writes; the others wait for it
+        return {}
+    with distributed.writing():
+        rows = merge_rows(run, ctx, method, outcome)
+        summary = merge_summary(cfg, run, ctx, method, outcome, rows, out)
+        with staged_output(out) as stage:
+            files = write_outcome(stage, ctx, method, outcome, cfg)
+            summary["seconds"]["total"] = round(time.perf_counter() - start, 3)
+            summary["files"] = [*files, "summary.json", "summary.md"]
+            write_json(stage / "summary.json", summary)
+            write_text(stage / "summary.md", summary_markdown(summary))
     print_merge_report(summary, out)
     return summary
 
@@ -326,6 +331,7 @@ def merge_summary(
         "info": plain_info(outcome.info),
         "seconds": {"merge": round(outcome.seconds, 3)},
         "threads": torch.get_num_threads(),
+        "processes": distributed.world_size(),
     }
     if result is not None:
         summary.update(

@@ -42,7 +42,7 @@ class SoftMerging(MergeMethod):
 
     def run(self, ctx: MergeContext) -> MergeOutcome:
         cfg = self.fit_config(ctx)
-        ctx.configure(cfg.device, cfg.storage_dtype)
+        ctx.configure(cfg.device, cfg.storage_dtype, shard_stack=cfg.shard_stack)
         merger = SoftMerger(None, context=ctx)
         spec = ctx.checkpoint
         merger.fit(

@@ -33,6 +33,7 @@ import hashlib
 import io
 import logging
 import os
+import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -174,7 +175,10 @@ def _collective(what: str) -> Iterator[None]:
     try:
         yield
     except RuntimeError as exc:  # torch.distributed.DistError and gloo/nccl failures
-        detail = next(iter(str(exc).strip().splitlines()), type(exc).__name__)
+        line = next(iter(str(exc).strip().splitlines()), type(exc).__name__)
+        # gloo's "[.../pair.cc:553] Connection closed by peer [...]. This is typically...":
+        # the first sentence, without the source location.
+        detail = re.sub(r"^\[[^\]]*\]\s*", "", line).split(". ")[0]
         raise DistributedError(
             f"{what} failed: another process failed, was killed or stopped answering (see its "
             f"own message): {detail}"

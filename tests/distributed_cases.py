@@ -159,8 +159,24 @@ def sharded_bf16() -> dict[str, Any]:
     return out
 
 
+def sharded_bf16_model() -> dict[str, Any]:
+    """A bfloat16 model: the merged tensors travel in bfloat16 (the same bits as casting the
+    whole merge). Its gradients are bfloat16 sums over other shares of the batch, so after a fit
+    the gates agree only to bfloat16 precision."""
+    model = _mlp(hidden=9).to(torch.bfloat16)
+    cands = [_perturbed(model, s, 0.1) for s in (1, 2, 3)]
+    merger = SoftMerger(model, cands, MergePlan(granularity="channel"), shard_stack=True)
+    with torch.no_grad():
+        start = merger.merged_parameters(merger.deterministic_gates())
+    train = [(x.to(torch.bfloat16), y) for x, y in _classification_batches(8, 96, 12, 10, 3)]
+    cfg = FitConfig(steps=12, lr=0.3, eval_every=0, record_every=4, progress=False)
+    merger.fit(train, config=cfg)
+    return {**_result(merger), "start": {k: v.clone() for k, v in start.items()}}
+
+
 CASES: dict[str, Callable[[], dict[str, Any]]] = {
-    f.__name__: f for f in (mlp_channel, bn_tensor, lm_tokens, sharded_delta, sharded_bf16)
+    f.__name__: f
+    for f in (mlp_channel, bn_tensor, lm_tokens, sharded_delta, sharded_bf16, sharded_bf16_model)
 }
 
 

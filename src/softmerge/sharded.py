@@ -7,22 +7,23 @@ travel, never the candidates (an N-fold saving over gathering the stack itself):
 
     forward   theta_rows = offset_rows + sum_j w_j * stack_rows[j]    local (the same kernel as
                                                                       CandidateStack: same bits)
-              all_gather(theta_rows) -> theta, whole, on every rank   one call for every tensor
+              all_gather(theta_rows) -> theta, whole, on every rank   (one call per tensor: the
+                                                                      gathered buffer is theta)
     backward  dL/dtheta (this rank's share of the data)
-              reduce_scatter -> this rank's rows of the sum over ranks one call for every tensor
+              reduce_scatter -> this rank's rows of the sum over ranks (one call per tensor)
               dL/dw_partial = sum over my rows of stack_rows[j] * g   local
     then      the gate gradients are summed over ranks (softmerge.distributed.reduce_gradients),
               which completes the contraction over all rows.
 
 The all-gather travels in the model's dtype when every merged tensor has the same one (casting
 commutes with gathering: the same bits as casting the whole merge); gradients travel in float32.
-Memory per rank: the stack's 1/K, plus one whole merged copy of the parameters and its gradient
-(``docs/scaling.md``: the plan for models whose merged copy does not fit one device).
+Memory per rank: the stack's 1/K, plus one whole merged copy of the parameters (in the model's
+dtype) and its gradient, plus one tensor's float32 gradient at a time (``docs/scaling.md``, with
+the plan for models whose merged copy does not fit one device).
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -37,33 +38,28 @@ from .stack import accumulation_dtype, mix_into, mix_weight_grad
 
 @dataclass(frozen=True)
 class RowShard:
-    """Where one tensor's rows live: ``shape`` whole, ``rows`` per rank (padded), this rank's
-    ``[start, stop)``, and its segment ``[offset, offset + rows * inner)`` in the flat buffers."""
+    """Where one tensor's rows live: ``shape`` whole, ``rows`` per rank (the last ranks' are
+    padded with zeros), and this rank's ``[start, stop)``."""
 
     shape: tuple[int, ...]
     rows: int
     start: int
     stop: int
-    offset: int
 
     @property
-    def inner(self) -> int:
-        return math.prod(self.shape[1:])
-
-    @property
-    def length(self) -> int:
-        return self.rows * self.inner
+    def padded(self) -> tuple[int, ...]:
+        """Shape of one rank's rows, padding included."""
+        return (self.rows, *self.shape[1:])
 
 
 def _shards(shapes: Mapping[str, tuple[int, ...]], me: int, count: int) -> dict[str, RowShard]:
-    out, offset = {}, 0
+    out = {}
     for name, shape in shapes.items():
         shape = shape if shape else (1,)  # a 0-d tensor is one row of one element
         rows = -(-shape[0] // count)
         start = min(me * rows, shape[0])
         stop = min(start + rows, shape[0])
-        out[name] = RowShard(tuple(shape), rows, start, stop, offset)
-        offset += rows * math.prod(shape[1:])
+        out[name] = RowShard(tuple(shape), rows, start, stop)
     return out
 
 
@@ -96,7 +92,6 @@ class ShardedStack:
         self.active = list(active) if active is not None else [True] * self.count
         self.shapes = {n: tuple(infos[n].shape) for n in self.names}
         self.layout = _shards(self.shapes, self.rank, self.world)
-        self.length = sum(s.length for s in self.layout.values())  # per rank, padded
         self.buffers: dict[str, torch.Tensor] = {}
         self.offset: dict[str, torch.Tensor] = {}
         names_iter = tqdm(self.names, desc="stacking (shard)", disable=not progress, leave=False)
@@ -105,7 +100,7 @@ class ShardedStack:
         for c in [*candidates, *([base] if base is not None else [])]:
             c.close()
         release_memory()
-        self._gather: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._kept: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def _rows_of(
         self, candidates: Sequence[Candidate], name: str, base: Candidate | None
@@ -163,21 +158,24 @@ class ShardedStack:
             out[name] = theta if want is None or want == theta.dtype else theta.to(want)
         return out
 
-    def _buffers(self, dtype: torch.dtype, reuse: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """(send: this rank's rows of every tensor, receive: every rank's), in ``dtype``."""
-        if reuse and self._gather is not None and self._gather[0].dtype == dtype:
-            return self._gather
+    def _buffers(self, name: str, dtype: torch.dtype, reuse: bool) -> tuple[torch.Tensor, ...]:
+        """(this rank's rows, every rank's rows) of one merged tensor, in ``dtype``; the second
+        is the merged tensor itself (plus padding rows). ``reuse``: kept from step to step."""
+        kept = self._kept.get(name)
+        if reuse and kept is not None and kept[0].dtype == dtype:
+            return kept
+        shard = self.layout[name]
         device = collective_device() if _dist().get_backend() == "nccl" else self.device
         pair = (
-            torch.empty(self.length, dtype=dtype, device=device),
-            torch.empty(self.world * self.length, dtype=dtype, device=device),
+            torch.empty(shard.padded, dtype=dtype, device=device),
+            torch.empty((self.world * shard.rows, *shard.shape[1:]), dtype=dtype, device=device),
         )
         if reuse:
-            self._gather = pair
+            self._kept[name] = pair
         return pair
 
     def release_outputs(self) -> None:
-        self._gather = None
+        self._kept = {}
 
 
 def _all_gather(output: torch.Tensor, local: torch.Tensor) -> None:
@@ -194,15 +192,9 @@ def _reduce_scatter(output: torch.Tensor, full: torch.Tensor) -> None:
         scatter(output, full)
 
 
-def _rank_blocks(flat: torch.Tensor, stack: ShardedStack, shard: RowShard) -> torch.Tensor:
-    """View (K, rows, *inner) of one tensor's segment in a (K * length) rank-major buffer."""
-    per_rank = flat.view(stack.world, stack.length)
-    block = per_rank[:, shard.offset : shard.offset + shard.length]
-    return block.view(stack.world, shard.rows, *shard.shape[1:])
-
-
 class _ShardedMix(torch.autograd.Function):
-    """Local mix of this rank's rows + all-gather; backward: reduce-scatter + local dL/dw."""
+    """Local mix of this rank's rows + all-gather, tensor by tensor; backward: reduce-scatter
+    + local dL/dw, tensor by tensor (only one tensor's float32 gradient exists at a time)."""
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -217,26 +209,19 @@ class _ShardedMix(torch.autograd.Function):
         ctx.stack, ctx.names, ctx.axes = stack, names, axes
         ctx.dtypes = [w.dtype for w in weights]
         acc = accumulation_dtype(stack.dtype)
-        send, receive = stack._buffers(wire, reuse)
+        thetas = []
         for name, axis, w in zip(names, axes, weights, strict=True):
             shard = stack.layout[name]
-            segment = send[shard.offset : shard.offset + shard.length]
-            segment = segment.view(shard.rows, *shard.shape[1:])
+            send, receive = stack._buffers(name, wire, reuse)
             local = _local_weights(w, axis, shard)
             offset = stack.offset.get(name)
-            if wire == acc and segment.device == stack.device:
-                mix_into(local, stack.buffers[name], axis, offset, out=segment)
+            if wire == acc and send.device == stack.device:
+                mix_into(local, stack.buffers[name], axis, offset, out=send)
             else:
-                segment.copy_(mix_into(local, stack.buffers[name], axis, offset))
-        _all_gather(receive, send)
-        thetas = []
-        for name in names:
-            shard = stack.layout[name]
-            blocks = _rank_blocks(receive, stack, shard)
-            theta = torch.empty(shard.shape, dtype=wire, device=stack.device)
-            for q, (start, stop) in enumerate(_row_ranges(shard, stack.world)):
-                theta[start:stop].copy_(blocks[q, : stop - start])
-            thetas.append(theta.view(stack.shapes[name]))
+                send.copy_(mix_into(local, stack.buffers[name], axis, offset))
+            _all_gather(receive, send)
+            theta = receive[: shard.shape[0]].view(stack.shapes[name])  # rows are in order
+            thetas.append(theta if theta.device == stack.device else theta.to(stack.device))
         return tuple(thetas)
 
     @staticmethod
@@ -244,35 +229,24 @@ class _ShardedMix(torch.autograd.Function):
         stack: ShardedStack = ctx.stack
         acc = accumulation_dtype(stack.dtype)
         device = collective_device() if _dist().get_backend() == "nccl" else stack.device
-        send = torch.zeros(stack.world * stack.length, dtype=acc, device=device)
-        for name, grad in zip(ctx.names, grads, strict=True):
-            if grad is None:
-                continue
-            shard = stack.layout[name]
-            blocks = _rank_blocks(send, stack, shard)
-            whole = grad.reshape(shard.shape)
-            for q, (start, stop) in enumerate(_row_ranges(shard, stack.world)):
-                blocks[q, : stop - start].copy_(whole[start:stop])
-        mine = torch.empty(stack.length, dtype=acc, device=device)
-        _reduce_scatter(mine, send)
-        mine = mine.to(stack.device)
         out = []
-        for name, axis, dtype in zip(ctx.names, ctx.axes, ctx.dtypes, strict=True):
+        for name, axis, dtype, grad in zip(ctx.names, ctx.axes, ctx.dtypes, grads, strict=True):
             shard = stack.layout[name]
-            g = mine[shard.offset : shard.offset + shard.length].view(shard.rows, *shard.shape[1:])
-            partial = mix_weight_grad(stack.buffers[name], axis, g)
+            full = torch.zeros(
+                (stack.world * shard.rows, *shard.shape[1:]), dtype=acc, device=device
+            )
+            if grad is not None:
+                full[: shard.shape[0]].copy_(grad.reshape(shard.shape))
+            mine = torch.empty(shard.padded, dtype=acc, device=device)
+            _reduce_scatter(mine, full)
+            del full
+            partial = mix_weight_grad(stack.buffers[name], axis, mine.to(stack.device))
             if axis == 0:  # channels are rows: this rank's rows of the (N, C) gradient
                 whole = torch.zeros((stack.count, shard.shape[0]), dtype=acc, device=stack.device)
                 whole[:, shard.start : shard.stop] = partial[:, : shard.stop - shard.start]
                 partial = whole
             out.append(partial.to(dtype))
         return (None, None, None, None, None, *out)
-
-
-def _row_ranges(shard: RowShard, world: int) -> list[tuple[int, int]]:
-    """[start, stop) of every rank's rows of one tensor (the last ranks' may be empty)."""
-    rows = shard.shape[0]
-    return [(min(q * shard.rows, rows), min((q + 1) * shard.rows, rows)) for q in range(world)]
 
 
 def _local_weights(w: torch.Tensor, axis: int | None, shard: RowShard) -> torch.Tensor:

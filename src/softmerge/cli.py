@@ -152,9 +152,13 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo  # imported here: the demo's training code is not needed elsewhere
-
     launch.refuse_several_processes("softmerge demo")
+    # imported here: the demos' training code is not needed elsewhere
+    if args.task == "lm":
+        from .demo_lm import run_lm_demo as run_demo
+    else:
+        from .demo import run_demo
+
     out = args.out.absolute()
     run_demo(out, quick=args.quick, seed=args.seed, progress=not (args.no_progress or _quiet(args)))
     print(f"demo outputs in {out}")
@@ -318,6 +322,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=Path("demo-out"),
         metavar="DIR",
         help="output folder (default: demo-out)",
+    )
+    demo.add_argument(
+        "--task",
+        choices=["classify", "lm"],
+        default="classify",
+        help="classify: MNIST-1D CNNs (default); lm: a byte-level Llama on two text domains, "
+        "with full fine-tunes, LoRA adapters and a poisoned child",
     )
     demo.add_argument("--quick", action="store_true", help="a smaller, faster run")
     demo.add_argument("--seed", type=int, default=0, metavar="S", help="seed (default: 0)")

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +50,7 @@ from .evaluation import (
     recalibrate_batchnorm,
     skeleton,
 )
+from .hf import missing_aliases, tied_names
 from .memory import release_memory
 from .objectives import Objective, resolve_objective
 from .plan import GateLayout, MergePlan, build_layout
@@ -106,10 +108,13 @@ class MergeContext:
     rank_batches: int = 4
     val_loader: Iterable[Any] | None = None  # scored during a fit (history), never trained on
     checkpoint: CheckpointSpec | None = None
+    adapter_base: Any = None  # the base model of LoRA adapter candidates (default: plan.base)
 
     def __post_init__(self) -> None:
-        pool = load_candidates(self.candidates, self.names, min_count=1)
         wanted = self.base if self.base is not None else self.plan.base
+        pool = load_candidates(
+            self.candidates, self.names, min_count=1, adapter_base=self._adapter_base(wanted)
+        )
         self.base_candidate, pool = (None, pool) if wanted is None else split_base(pool, wanted)
         need = 1 if self.base_candidate is not None else 2  # base + 1: slerp, task arithmetic
         if len(pool) < need:
@@ -121,6 +126,15 @@ class MergeContext:
         )
         self.storage_dtype = parse_dtype(self.storage_dtype)
         self.template: nn.Module | None = None
+        self.tied: dict[str, str] = tied_names(self.model)  # {tied name: name it is tied to}
+        if self.tied:  # checkpoints that stored a tied weight once answer to both names
+            pool = [c.with_aliases(missing_aliases(c.keys(), self.tied)) for c in pool]
+            self.pool = pool
+            if self.base_candidate is not None:
+                keys = self.base_candidate.keys()
+                self.base_candidate = self.base_candidate.with_aliases(
+                    missing_aliases(keys, self.tied)
+                )
         if self.model is not None:
             expected = model_infos(self.model)
             check_fits_model(pool[0], expected)
@@ -138,15 +152,29 @@ class MergeContext:
         self._rest: State | None = None
         self._stack: tuple[bool, CandidateStack] | None = None
 
+    def _adapter_base(self, wanted: Any) -> Path | None:
+        """Where LoRA adapter candidates find their base model: ``adapter_base``, else the
+        base (plan.base) when it is a path."""
+        if self.adapter_base is not None:
+            return Path(self.adapter_base)
+        if isinstance(wanted, (str, os.PathLike)) and Path(wanted).exists():
+            return Path(wanted)
+        return None
+
     # -- what merges -------------------------------------------------------------------------
 
     def _mergeable_shapes(self) -> dict[str, tuple[int, ...]]:
         """The model's parameters (buffers come from rest_from), or without a model every
         floating tensor of the candidates."""
         if self.template is not None:
-            return {n: tuple(p.shape) for n, p in self.template.named_parameters()}
-        infos: Mapping[str, TensorInfo] = self.pool[0].infos
-        return {k: i.shape for k, i in infos.items() if i.dtype.is_floating_point}
+            shapes = {n: tuple(p.shape) for n, p in self.template.named_parameters()}
+        else:
+            infos: Mapping[str, TensorInfo] = self.pool[0].infos
+            shapes = {k: i.shape for k, i in infos.items() if i.dtype.is_floating_point}
+        if all(c.is_adapter for c in self.pool):  # adapters change only what they target
+            targets = {t for c in self.pool for t in c.targets}
+            shapes = {k: v for k, v in shapes.items() if k in targets}
+        return shapes
 
     def layout_for(self, granularity: str) -> GateLayout:
         """The gate units of this plan at another granularity (learned soups: per tensor)."""
@@ -288,8 +316,15 @@ class MergeContext:
             )
 
     def rest_keys(self) -> list[str]:
+        """Names outside the plan (tied copies excluded: they follow the name they are tied
+        to)."""
         merged = set(self.merged_names)
-        return [k for k in self.pool[0].infos if k not in merged]
+        return [k for k in self.pool[0].infos if k not in merged and k not in self.tied]
+
+    def output_keys(self) -> list[str]:
+        """The names a merged checkpoint holds: every name but tied copies (as Hugging Face's
+        ``save_pretrained`` writes them; loading re-ties them)."""
+        return [k for k in self.pool[0].infos if k not in self.tied]
 
     def rest_state(self) -> State:
         """Values of everything outside the plan (unmerged parameters and buffers), from
@@ -338,7 +373,10 @@ class MergeContext:
             self._stack = None  # free the old buffers before filling new ones
             base = self.require_base("task vectors") if deltas else None
             kind = CandidateStack
-            if self.shard_stack and distributed.is_distributed():
+            # LoRA adapters stack their small factors, never sharded (their rows are not rows
+            # of the merged weight).
+            adapters = all(c.is_adapter for c in self.pool)
+            if self.shard_stack and distributed.is_distributed() and not adapters:
                 from .sharded import ShardedStack as kind  # type: ignore[assignment]
             stack = kind(
                 self.pool,
@@ -378,7 +416,11 @@ class MergeContext:
     def model_state(self, state: Mapping[str, torch.Tensor]) -> State:
         """``state`` on the merge's device and in the model's dtypes (for functional_call)."""
         dtypes = self.model_dtypes()
-        return {k: v.to(self.device, dtypes.get(k, v.dtype)) for k, v in state.items()}
+        return {
+            k: v.to(self.device, dtypes.get(k, v.dtype))
+            for k, v in state.items()
+            if k not in self.tied  # functional_call ties them from the name they follow
+        }
 
     def assemble(self, merged: Mapping[str, torch.Tensor]) -> State:
         """A full state dict: the merged tensors over the rest, in the model's key order (the
@@ -388,13 +430,24 @@ class MergeContext:
         order = self.template.state_dict(keep_vars=True) if self.template is not None else infos
         out = {}
         for k in order:
+            if k in self.tied:
+                continue
             value = merged[k] if k in merged else rest[k]
             out[k] = value.detach().to("cpu", infos[k].dtype).contiguous()
+        for alias, name in self.tied.items():  # the same tensor under both names
+            if alias in order:
+                out[alias] = out[name]
+        if self.tied:
+            out = {k: out[k] for k in order}
         return out
 
     def build_plain(self, state: Mapping[str, torch.Tensor]) -> nn.Module:
         """A fresh model holding ``state`` as it is (a candidate, with its own statistics)."""
-        return model_with_state(self.require_model("building a model"), state, self.device)
+        full = dict(state.items())
+        for alias, name in self.tied.items():  # tied copies a merged checkpoint leaves out
+            if alias not in full and name in full:
+                full[alias] = full[name]
+        return model_with_state(self.require_model("building a model"), full, self.device)
 
     def build(self, state: Mapping[str, torch.Tensor]) -> nn.Module:
         """A fresh model holding ``state``; BatchNorm statistics re-estimated on the merge set,

@@ -94,6 +94,7 @@ class ShardedStack:
         self.layout = _shards(self.shapes, self.rank, self.world)
         self.buffers: dict[str, torch.Tensor] = {}
         self.offset: dict[str, torch.Tensor] = {}
+        self.lowrank: dict[str, object] = {}  # adapters are never sharded (context.stack)
         names_iter = tqdm(self.names, desc="stacking (shard)", disable=not progress, leave=False)
         for name in names_iter:
             self.buffers[name] = self._rows_of(candidates, name, base)

@@ -194,13 +194,21 @@ class SoftMerger:
     def merged_parameters(self, z: torch.Tensor, *, reuse: bool = False) -> dict[str, torch.Tensor]:
         """The merged tensors for gates ``z`` (N, U), in the model's dtypes (``reuse``: into
         the stack's step buffers, overwritten by the next call)."""
+        weights, axes = self.slot_weights(z)
+        return self.stack.mix(weights, axes, self._dtypes, reuse=reuse)
+
+    def slot_weights(
+        self, z: torch.Tensor
+    ) -> tuple[dict[str, torch.Tensor], dict[str, int | None]]:
+        """Each merged tensor's candidate weights for gates ``z``: (N,) per tensor, or (N, C)
+        per output channel, and the dimension the channels are in."""
         w = self.mixing_weights(z)
         weights, axes = {}, {}
         for slot in self.layout.slots:
             cols = w[:, slot.start : slot.start + slot.count]
             weights[slot.name] = cols if slot.per_channel else cols[:, 0]
             axes[slot.name] = slot.axis
-        return self.stack.mix(weights, axes, self._dtypes, reuse=reuse)
+        return weights, axes
 
     def l0_penalty(self) -> torch.Tensor:
         return self.gates.penalty(convex=not self.delta)
@@ -460,7 +468,13 @@ class SoftMerger:
         # candidate gives, so other data is reported as such (its losses), not as another merge.
         pool = [*self.candidates, *([self.base] if self.base is not None else [])]
         rest = ((f"{c.name}/{k}", c.tensor(k)) for c in pool for k in self.ctx.rest_keys())
-        key = fingerprint(description, itertools.chain(self.stack.buffers.items(), rest))
+        factors = (
+            (f"{name}/{part}", getattr(f, part))
+            for name, f in self.stack.lowrank.items()
+            for part in ("a", "b")
+        )
+        stacked = itertools.chain(self.stack.buffers.items(), factors)
+        key = fingerprint(description, itertools.chain(stacked, rest))
         # A sharded stack: each rank hashed its own rows; the run is all of them, in rank order.
         return distributed.combined_digest(key) if self._sharded else key
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
@@ -211,6 +212,33 @@ def _along(w: torch.Tensor, axis: int, ndim: int) -> torch.Tensor:
     return w.view(shape)
 
 
+@dataclass
+class LowRank:
+    """LoRA factors of N adapters for one weight, concatenated along the rank (R = sum r_j):
+    delta = (B * col) @ A with col[k] = w[owner[k]] * scale[k] (per output row with channel
+    weights), transposed for weights stored (in, out). Autograd differentiates through it."""
+
+    a: torch.Tensor  # (R, in)
+    b: torch.Tensor  # (out, R)
+    owner: torch.Tensor  # (R,) the candidate each rank row belongs to
+    scale: torch.Tensor  # (R,) that candidate's alpha / r
+    transposed: bool
+
+    @property
+    def nbytes(self) -> int:
+        return self.a.numel() * self.a.element_size() + self.b.numel() * self.b.element_size()
+
+    def columns(self, w: torch.Tensor, axis: int | None) -> torch.Tensor:
+        """The factor each column of B is multiplied by: (R,) or (out, R) for channel gates."""
+        if axis is None:
+            return w.float()[self.owner] * self.scale
+        return w.float().t()[:, self.owner] * self.scale
+
+    def delta(self, w: torch.Tensor, axis: int | None) -> torch.Tensor:
+        product = (self.b.float() * self.columns(w, axis)) @ self.a.float()
+        return product.t() if self.transposed else product
+
+
 class CandidateStack:
     """Every merged tensor of N candidates in one ``(N, *shape)`` buffer each.
 
@@ -242,8 +270,13 @@ class CandidateStack:
         names_iter: Iterable[str] = tqdm(
             self.names, desc="stacking", disable=not progress, leave=False
         )
+        adapters = bool(candidates) and all(c.is_adapter for c in candidates)
+        self.lowrank: dict[str, LowRank] = {}
         for name in names_iter:
-            self.buffers[name] = self._stack_one(candidates, name, base)
+            if adapters:  # LoRA candidates: their factors, not N full-size deltas
+                self.lowrank[name] = self._stack_factors(candidates, name)
+            else:
+                self.buffers[name] = self._stack_one(candidates, name, base)
         for c in [*candidates, *([base] if base is not None else [])]:
             c.close()
         release_memory()
@@ -267,11 +300,42 @@ class CandidateStack:
                 buf[j].copy_(cand.tensor(name).to(self.device, acc) - theta0.to(acc))
         return buf
 
+    def _stack_factors(self, candidates: Sequence[Candidate], name: str) -> LowRank:
+        """Every adapter's A and B for weight ``name``, concatenated along the rank; the base
+        weight (the adapters' own base) becomes the offset."""
+        parts = [
+            c.reader.factors(name) if self.active[j] else None for j, c in enumerate(candidates)
+        ]
+        present = [(j, f) for j, f in enumerate(parts) if f is not None]
+        base_reader = candidates[0]._inner_reader().base  # type: ignore[attr-defined]
+        self.offset[name] = base_reader.read(name).to(self.device)
+        shape = candidates[0].infos[name].shape
+        transposed = bool(present) and present[0][1].transposed
+        out_dim, in_dim = (shape[-1], shape[0]) if transposed else (shape[0], shape[-1])
+        a = [f.a.to(self.device, self.dtype) for _, f in present]
+        b = [f.b.to(self.device, self.dtype) for _, f in present]
+        owner = [j for j, f in present for _ in range(f.rank)]
+        scale = [f.scale for _, f in present for _ in range(f.rank)]
+        return LowRank(
+            a=torch.cat(a) if a else torch.zeros(0, in_dim, dtype=self.dtype, device=self.device),
+            b=torch.cat(b, 1)
+            if b
+            else torch.zeros(out_dim, 0, dtype=self.dtype, device=self.device),
+            owner=torch.tensor(owner, dtype=torch.long, device=self.device),
+            scale=torch.tensor(scale, dtype=torch.float32, device=self.device),
+            transposed=transposed,
+        )
+
     # -- views -------------------------------------------------------------------------------
 
     @property
     def nbytes(self) -> int:
-        return sum(b.numel() * b.element_size() for b in self.buffers.values())
+        dense = sum(b.numel() * b.element_size() for b in self.buffers.values())
+        return dense + sum(f.nbytes for f in self.lowrank.values())
+
+    @property
+    def names_stacked(self) -> list[str]:
+        return [*self.buffers, *self.lowrank]
 
     def candidate(self, j: int) -> dict[str, torch.Tensor]:
         """Candidate j's merged tensors (views of the stack, plus theta_0 with a base)."""
@@ -279,6 +343,10 @@ class CandidateStack:
         for name, buf in self.buffers.items():
             row = buf[j]
             out[name] = row + self.offset[name].to(row.dtype) if name in self.offset else row
+        for name, factors in self.lowrank.items():
+            w = torch.zeros(self.count, device=self.device)
+            w[j] = 1.0
+            out[name] = self.offset[name].float() + factors.delta(w, None)
         return out
 
     def mix(
@@ -299,6 +367,11 @@ class CandidateStack:
         out = {}
         for name, w in weights.items():
             axis = (axes or {}).get(name)
+            if name in self.lowrank:
+                theta = self.offset[name].float() + self.lowrank[name].delta(w, axis)
+                want = (dtypes or {}).get(name)
+                out[name] = theta if want is None or want == theta.dtype else theta.to(want)
+                continue
             buffer = self._output(name) if reuse else None
             offset = self.offset.get(name)
             theta = _StackedMix.apply(w, self.buffers[name], axis, offset, buffer)

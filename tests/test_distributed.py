@@ -229,9 +229,9 @@ def one_process(project: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def two_processes(project: Path) -> tuple[Path, subprocess.CompletedProcess]:
-    out = project / "out2"
-    command = [sys.executable, "-m", "softmerge", "merge", str(project / "merge.yaml")]
-    command += ["--out", str(out), "-q", "--nproc-per-node", "2"]
+    out = project / "out2"  # (softmerge merge --nproc-per-node 2: the test of an error below)
+    command = [*TORCHRUN, "-m", "softmerge", "merge", str(project / "merge.yaml")]
+    command += ["--out", str(out), "-q"]
     done = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     return out, done

@@ -40,7 +40,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import ConfigError, DataError, SoftmergeError
+from .errors import ConfigError, DataError, DistributedError
 
 log = logging.getLogger("softmerge")
 
@@ -50,10 +50,6 @@ DEFAULT_TIMEOUT = 600.0  # seconds a collective waits for a peer that neither an
 # safetensors take minutes): a separate gloo group, so the main group's timeout stays short.
 WRITER_TIMEOUT = datetime.timedelta(hours=24)
 _TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-
-
-class DistributedError(SoftmergeError):
-    """Another process of a distributed run failed, was killed or stopped answering."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -504,16 +500,17 @@ def combined_digest(text: str) -> str:
     return hashlib.sha256(gathered.cpu().numpy().tobytes()).hexdigest()
 
 
-_CONTROL: Any = None
+_CONTROL: tuple[Any, Any] | None = None  # (the default group it belongs to, the group)
 
 
 def _control_group() -> Any:
     """A gloo group with a long timeout, for waiting on rank 0's writing (every rank must
     create it at the same point: :func:`prepare_writer_wait`)."""
     global _CONTROL
-    if _CONTROL is None:
-        _CONTROL = _dist().new_group(backend="gloo", timeout=WRITER_TIMEOUT)
-    return _CONTROL
+    world = _dist().group.WORLD
+    if _CONTROL is None or _CONTROL[0] is not world:
+        _CONTROL = (world, _dist().new_group(backend="gloo", timeout=WRITER_TIMEOUT))
+    return _CONTROL[1]
 
 
 def prepare_writer_wait() -> None:

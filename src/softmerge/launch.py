@@ -9,7 +9,7 @@
   and returns its exit code.
 
 When one process fails (an error, a kill), torchrun stops the others and exits non-zero; a
-process whose peer has gone gets a :class:`~softmerge.distributed.DistributedError` from the
+process whose peer has gone gets a :class:`~softmerge.errors.DistributedError` from the
 collective it was in. SIGTERM (torchrun stopping a process) becomes ``SystemExit``, so the
 staging folder of unfinished outputs is removed on the way out.
 """

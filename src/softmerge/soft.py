@@ -370,7 +370,6 @@ class SoftMerger:
         if self._dist:
             first = untouched_order(loader, lambda: first_batches(loader, 1))[0]
             distributed.check_same_batches(first)
-            distributed.prepare_writer_wait()
         self._train_model = (
             distributed.with_global_batchnorm(self.model) if self._dist else self.model
         )

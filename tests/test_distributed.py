@@ -124,9 +124,12 @@ def test_outside_torchrun_there_is_no_group_to_join(monkeypatch: pytest.MonkeyPa
     assert not distributed.is_distributed()
     with pytest.raises(ConfigError, match="no process group to join: RANK"):
         distributed.init_from_env()
-    monkeypatch.setenv(distributed.ENV_TIMEOUT, "soon")
-    with pytest.raises(ConfigError, match="SOFTMERGE_DIST_TIMEOUT='soon'"):
-        distributed.timeout_from_env()
+    for bad in ("soon", "inf", "-1"):
+        monkeypatch.setenv(distributed.ENV_TIMEOUT, bad)
+        with pytest.raises(ConfigError, match=f"SOFTMERGE_DIST_TIMEOUT='{bad}'"):
+            distributed.timeout_from_env()
+    monkeypatch.setenv(distributed.ENV_TIMEOUT, "30")
+    assert distributed.timeout_from_env().total_seconds() == 30
 
 
 def test_several_processes_only_for_soft_merging(

@@ -106,7 +106,7 @@ def timeout_from_env() -> datetime.timedelta:
         return datetime.timedelta(seconds=DEFAULT_TIMEOUT)
     try:
         seconds = float(text)
-        if not seconds > 0:
+        if not 0 < seconds < 1e9:  # (nan and inf included: timedelta cannot hold them)
             raise ValueError
     except ValueError:
         raise ConfigError(

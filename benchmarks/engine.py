@@ -3,7 +3,7 @@ mergekit, and the cost of one gate step. Writes ``docs/performance.md``.
 
     python benchmarks/engine.py --out bench-out/engine --docs docs     (make perf)
 
-Three parts, each measured in this one run:
+Five parts, each measured in this one run:
 
 1. **Memory.** Soft merging N candidates of an MLP, each configuration in a fresh process:
    baseline = resident memory after imports, the model, the data and one optimiser step on a
@@ -22,7 +22,10 @@ Three parts, each measured in this one run:
 3. **Gate step vs plain step** on the 18.9M MLP (N=5, batch 128) with float32 and bfloat16
    stacks, interleaved in one process, with the memory-bandwidth floor measured alongside: the
    time to read every byte of the stack twice (``sum`` over each buffer, twice).
-4. **The L0 path** (``--only path``, issue 14) against one default merge, on the demo's 5 clean
+4. **Gate steps on 2 processes** (``--only dist``): the same MLP and batch, 1 thread per
+   process: one process, then 2 processes under torchrun (gloo), data-parallel and with the
+   stack sharded; each configuration in its own launch, rounds alternating the order.
+5. **The L0 path** (``--only path``, issue 14) against one default merge, on the demo's 5 clean
    children (MNIST-1D CNN, trained here once and cached): ``fit.l0_lambda: auto`` (the path on
    four fifths of the merge split, λ chosen on the rest) against the default λ, each from
    ``SoftMerger(...)`` to ``merged_state_dict()``, alternating; wall and CPU seconds.
@@ -406,7 +409,116 @@ def _interleaved(steps: dict[str, Any], rounds: int, per_round: int = 5) -> dict
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-# ------------------------------------------------------------------------------- 4. path
+# ------------------------------------------------------------------------------- 4. dist
+
+DIST_MODES = ("one", "data_parallel", "sharded")
+
+
+def dist_child(mode: str, steps: int, work: Path) -> dict[str, Any] | None:
+    """Runs in each process of one configuration: median gate-step time on a global batch of
+    128 (each of K processes takes 128 / K samples); process 0 returns the numbers."""
+    import resource
+
+    from softmerge import FitConfig, MergePlan, SoftMerger, distributed
+    from softmerge.evaluation import set_gate_training_mode
+
+    torch.set_num_threads(1)
+    if distributed.launched_by_torchrun():
+        distributed.init_from_env()
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(128, 512, generator=gen), torch.randint(0, 10, (128,), generator=gen)
+    paths = candidate_files(work, "M", 5)
+    merger = SoftMerger(
+        _mlp("M"), paths, MergePlan(granularity="tensor"), shard_stack=mode == "sharded"
+    )
+    loop = merger.make_loop([(x, y)], FitConfig(progress=False, warmup=0.0, eval_every=0))
+    set_gate_training_mode(merger.model)
+    times = []
+    for i in range(steps + 3):  # 3 warm-up steps
+        distributed.barrier()
+        start = time.perf_counter()
+        loop.step += 1
+        loop.train_step((x, y))
+        if i >= 3:
+            times.append(time.perf_counter() - start)
+    row = {
+        "mode": mode,
+        "processes": distributed.world_size(),
+        "threads": torch.get_num_threads(),
+        "step_ms": statistics.median(times) * 1e3,
+        "stack_mib": merger.stack.nbytes / MIB,
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+    distributed.shutdown()
+    return row if distributed.is_writer() else None
+
+
+def run_dist(work: Path, steps: int, rounds: int) -> list[dict[str, Any]]:
+    """Each configuration launched ``rounds`` times (order alternating); medians."""
+    candidate_files(work, "M", 5)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+    runs: dict[str, list[dict[str, Any]]] = {m: [] for m in DIST_MODES}
+    for r in range(rounds):
+        for mode in DIST_MODES if r % 2 == 0 else tuple(reversed(DIST_MODES)):
+            launcher = [sys.executable]
+            if mode != "one":
+                launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+            argv = [*launcher, __file__, "_dist", mode, str(steps), "--out", str(work)]
+            done = subprocess.run(argv, capture_output=True, text=True, env=env, check=False)
+            if done.returncode != 0:
+                raise RuntimeError(f"dist run {mode}: {done.stderr[-3000:]}")
+            row = json.loads(done.stdout.strip().splitlines()[-1])
+            print(f"dist {mode}: {row['step_ms']:.1f} ms/step", flush=True)
+            runs[mode].append(row)
+    rows = []
+    one = statistics.median(r["step_ms"] for r in runs["one"])
+    for values in runs.values():
+        step = statistics.median(r["step_ms"] for r in values)
+        rows.append(
+            {
+                **values[0],
+                "step_ms": step,
+                "runs_ms": [r["step_ms"] for r in values],
+                "speedup": one / step,
+                "peak_rss_mib": statistics.median(r["peak_rss_mib"] for r in values),
+            }
+        )
+    return rows
+
+
+def _dist_section(rows: list[dict[str, Any]], steps: int) -> list[str]:
+    labels = {
+        "one": "1 process",
+        "data_parallel": "2 processes, data-parallel",
+        "sharded": "2 processes, sharded stack",
+    }
+    table = [
+        {
+            "run": labels[r["mode"]],
+            "threads per process": r["threads"],
+            "gate step (ms)": round(r["step_ms"], 1),
+            "vs 1 process": f"{r['speedup']:.2f}×",
+            "stack per process (MiB)": round(r["stack_mib"]),
+            "peak RSS of process 0 (MiB)": round(r["peak_rss_mib"]),
+        }
+        for r in rows
+    ]
+    return [
+        "## Gate steps on 2 processes",
+        "",
+        "18.9M-parameter MLP (512-4096-4096-10), N=5 float32 candidates, tensor gates, global "
+        "batch 128 (64 per process on 2), 1 thread per process, gloo on CPU under torchrun; "
+        f"median of {steps} steps per launch, then the median over launches (rounds alternate "
+        "the order). Data-parallel: each process holds the whole stack and mixes all of it; "
+        "sharded (`fit.shard_stack`): each holds half the stack's rows, mixes them and gathers "
+        "the merged tensors (`docs/scaling.md`).",
+        "",
+        format_markdown_table(table),
+        "",
+    ]
+
+
+# ------------------------------------------------------------------------------- 5. path
 
 
 def path_children(work: Path) -> dict[str, Path]:
@@ -626,6 +738,9 @@ def write_page(results: dict[str, Any], docs: Path) -> Path:
                 f"{r['overhead_over_floor']:.2f}× the floor — {verdict} the ≤ 1.25× target."
             )
         lines.append("")
+    dist = results.get("dist")
+    if dist:
+        lines += _dist_section(dist, meta.get("dist_steps", 0))
     path = results.get("path")
     if path:
         lines += _path_section(path, meta)
@@ -639,7 +754,7 @@ def write_page(results: dict[str, Any], docs: Path) -> Path:
     return page
 
 
-PARTS = ("memory", "static", "step", "path")
+PARTS = ("memory", "static", "step", "dist", "path")
 
 
 def _sections(text: str) -> tuple[str, dict[str, str]]:
@@ -738,7 +853,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=ROOT / "bench-out" / "engine")
     parser.add_argument("--docs", type=Path, default=None, help="write performance.md here")
-    parser.add_argument("--only", default="memory,static,step,path")
+    parser.add_argument("--only", default="memory,static,step,dist,path")
     parser.add_argument("--path-rounds", type=int, default=3)
     parser.add_argument("--path-granularities", default="tensor,model")
     parser.add_argument("--sizes", default="S,M,L")
@@ -747,6 +862,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--static-rounds", type=int, default=3)
+    parser.add_argument("--dist-steps", type=int, default=30, help="timed steps per launch")
+    parser.add_argument("--dist-rounds", type=int, default=3, help="launches per configuration")
     parser.add_argument(
         "--mergekit",
         type=Path,
@@ -766,6 +883,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         results["static"] = run_static(ARGS.out, mergekit, ARGS.static_rounds)
     if "step" in parts:
         results["step"] = run_step(ARGS.threads, ARGS.rounds)
+    if "dist" in parts:
+        results["dist"] = run_dist(ARGS.out, ARGS.dist_steps, ARGS.dist_rounds)
     if "path" in parts:
         grans = ARGS.path_granularities.split(",")
         results["path"] = run_path(ARGS.out, ARGS.path_rounds, grans)
@@ -779,6 +898,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "machine": platform.machine(),
         "fit_steps": ARGS.fit_steps,
+        "dist_steps": ARGS.dist_steps,
     }
     (ARGS.out / "engine.json").write_text(json.dumps(results, indent=2))
     if ARGS.docs is not None:
@@ -809,5 +929,10 @@ if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "_memory":
         _, _, size, count, dtype, steps, _, out = sys.argv
         print(json.dumps(memory_child(size, int(count), dtype, int(steps), Path(out))))
+    elif len(sys.argv) > 1 and sys.argv[1] == "_dist":
+        _, _, mode, steps, _, out = sys.argv
+        found = dist_child(mode, int(steps), Path(out))
+        if found is not None:
+            print(json.dumps(found))
     else:
         main()

@@ -243,7 +243,7 @@ ERRORS: list[tuple[str, Edit, str]] = [
     (
         "dataset typo",
         _set("data", dataset="tensor"),
-        "data.dataset: expected one of mnist1d, mnist, digits, tensors, got 'tensor'; "
+        "data.dataset: expected one of mnist1d, mnist, digits, tensors, text, hf, got 'tensor'; "
         "did you mean 'tensors'?",
     ),
     ("missing output", lambda c: c.pop("output"), "output: required key is missing"),

@@ -340,6 +340,130 @@ def _missing_shard(folder: Path, _: pytest.MonkeyPatch) -> list[str]:
     return []
 
 
+# ------------------------------------------------------------------------------- Hugging Face
+
+
+def _llama(folder: Path, name: str, vocab: int = 259, hidden: int = 16, seed: int = 0) -> Path:
+    """A tiny Llama folder with the byte tokenizer (transformers imported only here)."""
+    import transformers
+
+    from softmerge.lm_demo import byte_tokenizer
+
+    config = transformers.LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+        **(dict(bos_token_id=256, eos_token_id=257, pad_token_id=258) if vocab > 258 else {}),
+    )
+    torch.manual_seed(seed)
+    transformers.LlamaForCausalLM(config).save_pretrained(folder / name)
+    byte_tokenizer().save_pretrained(folder / name)
+    return folder / name
+
+
+def _hf_config(folder: Path, **changes: Any) -> None:
+    """The run's config as a Hugging Face merge over text files: model.hf, dataset text."""
+    (folder / "data" / "merge.txt").write_text("def f(x):\n    return x + 1\n" * 40)
+    config = {
+        "model": {"hf": "hf/base"},
+        "candidates": ["hf/base", "hf/c1"],
+        "data": {"dataset": "text", "merge": "data/merge.txt", "block_size": 32, "batch_size": 4},
+        "fit": {"steps": 2, "eval_every": 0, "rank_batches": 1},
+        "output": {"dir": "out"},
+    }
+    for key, value in changes.items():
+        config[key] = value
+    (folder / "merge.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+
+
+def _hf_pair(folder: Path) -> None:
+    (folder / "hf").mkdir()
+    _llama(folder / "hf", "base")
+    _llama(folder / "hf", "c1", seed=1)
+
+
+def _vocab_mismatch(folder: Path, _: pytest.MonkeyPatch) -> list[str]:
+    (folder / "hf").mkdir()
+    _llama(folder / "hf", "base")
+    _llama(folder / "hf", "c1", vocab=300, seed=1)  # resized embeddings
+    _hf_config(folder)
+    return []
+
+
+def _tokenizer_too_big(folder: Path, _: pytest.MonkeyPatch) -> list[str]:
+    (folder / "hf").mkdir()
+    _llama(folder / "hf", "base", vocab=200)
+    _llama(folder / "hf", "c1", vocab=200, seed=1)
+    _hf_config(folder)
+    return []
+
+
+def _adapter(folder: Path, name: str, base: Path, targets: list[str]) -> Path:
+    import peft
+    import transformers
+
+    model = transformers.LlamaForCausalLM.from_pretrained(base)
+    adapted = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=targets))
+    adapted.save_pretrained(folder / name)
+    return folder / name
+
+
+def _adapter_other_base(folder: Path, _: pytest.MonkeyPatch) -> list[str]:
+    _hf_pair(folder)
+    wide = _llama(folder / "hf", "wide", hidden=32)
+    _adapter(folder / "hf", "ad", wide, ["q_proj"])
+    _hf_config(folder, candidates=["hf/ad", "hf/ad"], plan={"base": "hf/base"})
+    return []
+
+
+def _adapter_other_targets(folder: Path, _: pytest.MonkeyPatch) -> list[str]:
+    _hf_pair(folder)
+    ad = _adapter(folder / "hf", "ad", folder / "hf" / "base", ["q_proj"])
+    weights = ad / "adapter_model.safetensors"
+    state = load_file(str(weights))
+    save_file({k.replace("q_proj", "qkv_proj"): v for k, v in state.items()}, str(weights))
+    _hf_config(folder, candidates=["hf/ad", "hf/ad"], plan={"base": "hf/base"})
+    return []
+
+
+def _adapter_without_weights(folder: Path, _: pytest.MonkeyPatch) -> list[str]:
+    _hf_pair(folder)
+    ad = _adapter(folder / "hf", "ad", folder / "hf" / "base", ["q_proj"])
+    (ad / "adapter_model.safetensors").unlink()
+    _hf_config(folder, candidates=["hf/ad", "hf/ad"], plan={"base": "hf/base"})
+    return []
+
+
+def _all_labels_ignored(folder: Path, _: pytest.MonkeyPatch) -> list[str]:
+    _hf_pair(folder)
+    ids = torch.randint(0, 256, (8, 16), generator=torch.Generator().manual_seed(0))
+    tokens = {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "labels": torch.full_like(ids, -100),
+    }
+    save_file(tokens, str(folder / "data" / "tokens.safetensors"))
+    _hf_config(
+        folder, data={"dataset": "tensors", "merge": "data/tokens.safetensors", "batch_size": 4}
+    )
+    return []
+
+
+def _text_file(content: bytes) -> Callable[[Path, pytest.MonkeyPatch], list[str]]:
+    def setup(folder: Path, _: pytest.MonkeyPatch) -> list[str]:
+        _hf_pair(folder)
+        _hf_config(folder)
+        (folder / "data" / "merge.txt").write_bytes(content)
+        return []
+
+    return setup
+
+
 def _disk_full(folder: Path, monkeypatch: pytest.MonkeyPatch) -> list[str]:
     (folder / "out").mkdir()
     (folder / "out" / "notes.txt").write_text("kept")  # an existing output folder stays as it was
@@ -658,6 +782,62 @@ CASES = [
         "`output: {dir: merge.yaml}`",
         _config(setting("output", dir="merge.yaml")),
         ["output.dir", "{dir}/merge.yaml", "not a folder"],
+    ),
+    Case(
+        "vocab-mismatch",
+        "Candidates with different vocabulary sizes (resized embeddings)",
+        "`c1` was saved with 300 tokens, `base` with 259",
+        _vocab_mismatch,
+        ["{dir}/hf/c1", "(300, 16)", "(259, 16)"],
+    ),
+    Case(
+        "tokenizer-too-big",
+        "A tokenizer whose vocabulary does not fit the model",
+        "the folders' 259-token tokenizer, a model of 200 tokens",
+        _tokenizer_too_big,
+        ["259 tokens", "200"],
+    ),
+    Case(
+        "adapter-other-base",
+        "A LoRA adapter trained for another base model",
+        "`ad` was trained on a model of width 32, `plan.base` has width 16",
+        _adapter_other_base,
+        ["{dir}/hf/ad", "another base"],
+    ),
+    Case(
+        "adapter-other-targets",
+        "A LoRA adapter for modules the base model does not have",
+        "`ad`'s factors name `qkv_proj`",
+        _adapter_other_targets,
+        ["{dir}/hf/ad", "qkv_proj"],
+    ),
+    Case(
+        "adapter-without-weights",
+        "A LoRA adapter folder without its weights",
+        "`ad/adapter_model.safetensors` deleted",
+        _adapter_without_weights,
+        ["{dir}/hf/ad", "adapter_model.safetensors"],
+    ),
+    Case(
+        "all-labels-ignored",
+        "A batch whose labels are all -100",
+        "tokenised merge data (`input_ids`, `labels`) with every label -100",
+        _all_labels_ignored,
+        ["{dir}/data/tokens.safetensors", "-100"],
+    ),
+    Case(
+        "empty-text",
+        "An empty text file",
+        "`data/merge.txt` holds nothing",
+        _text_file(b""),
+        ["{dir}/data/merge.txt"],
+    ),
+    Case(
+        "non-utf8-text",
+        "A text file that is not UTF-8",
+        "`data/merge.txt` holds a Latin-1 byte",
+        _text_file(b"caf\xe9 au lait\n"),
+        ["{dir}/data/merge.txt", "UTF-8"],
     ),
     Case(
         "disk-full",

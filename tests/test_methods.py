@@ -80,7 +80,11 @@ def _context(digits, family, **kwargs) -> MergeContext:
     return MergeContext(_mlp(), children, **options)
 
 
-@pytest.mark.parametrize("name", METHOD_NAMES)
+# Methods for full checkpoints (the LoRA-only 'peft' is tested on adapters in test_hf.py).
+FULL = [n for n in METHOD_NAMES if not REGISTRY[n].needs_adapters]
+
+
+@pytest.mark.parametrize("name", FULL)
 def test_every_method_runs_from_the_api(name, digits, family):
     ctx = _context(digits, family)
     if name == "slerp":  # exactly two models: the base and one candidate
@@ -241,7 +245,7 @@ def _yaml(folder: Path, **extra) -> Path:
 
 def test_compare_runs_every_method_from_yaml(files, capsys):
     entries = [
-        {"method": n, "params": FAST.get(n, {})} for n in METHOD_NAMES if n not in ("slerp",)
+        {"method": n, "params": FAST.get(n, {})} for n in FULL if n not in ("slerp",)
     ]
     # SLERP interpolates two models: two of the candidates, without the comparison's base.
     entries.append({"method": "slerp", "candidates": ["a", "c"], "plan": {"base": None}})

@@ -58,11 +58,29 @@ class Entry:
     candidates: list[str] | None = None  # names; None: every candidate (SLERP needs two)
 
 
+# PEFT's own combinations, added when every candidate is a LoRA adapter.
+PEFT_ENTRIES: tuple[tuple[str, dict[str, Any]], ...] = (
+    ("linear", {}),
+    ("cat", {}),
+    ("svd", {}),
+    ("ties", {"density": 0.5}),
+    ("dare_linear", {"density": 0.5}),
+)
+
+
 def default_entries(
-    candidates: int, has_base: bool, soft_params: dict[str, Any] | None = None
+    candidates: int,
+    has_base: bool,
+    soft_params: dict[str, Any] | None = None,
+    adapters: bool = False,
 ) -> list[Entry]:
-    """Every method that applies: task-vector methods need a base, SLERP exactly 2 models."""
+    """Every method that applies: task-vector methods need a base, SLERP exactly 2 models,
+    PEFT's combinations LoRA adapters."""
     entries: list[Entry] = []
+    if adapters:
+        for combination, params in PEFT_ENTRIES:
+            method = get_method("peft", combination_type=combination, **params)
+            entries.append(Entry(f"peft {combination}", method))
     for label, name, params in DEFAULT_ENTRIES:
         method = get_method(name, **((soft_params or {}) if name == "soft" else params))
         if method.needs_base and not has_base:

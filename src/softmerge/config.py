@@ -55,11 +55,12 @@ from .candidates import default_name
 from .data import LOADERS
 from .errors import ConfigError, SoftmergeError
 from .fit import FitConfig
+from .hf import TASKS
 from .methods import MergeMethod, get_method, method_class
 from .plan import MergePlan
 from .schema import STRICT, describe_validation, got
 
-DATASETS: tuple[str, ...] = (*LOADERS, "tensors")
+DATASETS: tuple[str, ...] = (*LOADERS, "tensors", "text", "hf")
 _SECTION = STRICT  # every section is strict and frozen, like the settings classes
 
 
@@ -108,10 +109,38 @@ Kwargs = Annotated[dict[str, Any], BeforeValidator(_none_as_empty)]
 # The schema.
 
 
+def _relative_paths(value: Any, info: ValidationInfo) -> Any:
+    """String arguments naming a file or folder relative to the config become absolute paths
+    (``model.kwargs: {vocab: tokens.json}``); everything else is left as it is."""
+    if not isinstance(value, dict):
+        return value
+    root = _root(info)
+    out = {}
+    for key, item in value.items():
+        candidate = root / item if isinstance(item, str) and item and "\n" not in item else None
+        is_path = candidate is not None and not Path(item).is_absolute() and candidate.exists()
+        out[key] = str(candidate) if is_path else item
+    return out
+
+
 class ModelSection(BaseModel):
+    """The architecture: an importable factory, or a Hugging Face folder (its config.json)."""
+
     model_config = _SECTION
-    factory: str
-    kwargs: Kwargs = Field(default_factory=dict)
+    factory: str | None = None
+    kwargs: Annotated[
+        dict[str, Any], BeforeValidator(_none_as_empty), BeforeValidator(_relative_paths)
+    ] = Field(default_factory=dict)
+    hf: ExistingPath = None  # a Hugging Face model folder: the class from its architectures
+    task: Literal[tuple(TASKS)] | None = None  # type: ignore[valid-type]
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelSection:
+        if (self.factory is None) == (self.hf is None):
+            raise ValueError("give exactly one of factory (module:callable) or hf (a folder)")
+        if self.task is not None and self.hf is None:
+            raise ValueError("task only applies to a Hugging Face model (model.hf)")
+        return self
 
 
 class CandidateEntry(BaseModel):
@@ -125,13 +154,22 @@ class CandidateEntry(BaseModel):
         return {"path": data} if isinstance(data, (str, os.PathLike)) else data
 
 
+PathOrPaths = ExistingPath | list[Annotated[Path, BeforeValidator(_existing_path)]]
+
+
 class DataSection(BaseModel):
     model_config = _SECTION
     dataset: Literal[DATASETS]  # type: ignore[valid-type]
     path: ExistingPath = None
-    merge: ExistingPath = None
-    eval: ExistingPath = None
+    merge: PathOrPaths = None  # tensors: one file; text: one file or a list
+    eval: PathOrPaths = None
     kwargs: Kwargs = Field(default_factory=dict)
+    # text and hf data sets: tokenised with `tokenizer` (default: the model.hf folder's),
+    # cut into blocks of `block_size` tokens (language models) or padded to it (classifiers)
+    tokenizer: ExistingPath = None
+    block_size: Annotated[int, Field(ge=2)] | None = None
+    columns: Kwargs = Field(default_factory=dict)  # {text: column, label: column}
+    split: Kwargs = Field(default_factory=dict)  # hf: {merge: split name, eval: split name}
     batch_size: Annotated[int, Field(ge=1)] = 128
     seed: Annotated[int, Field(ge=0, lt=2**64)] = 0  # torch.Generator's range
     # Fraction of the merge set kept out of learning: greedy soup scores on it, and learned
@@ -241,8 +279,12 @@ class MergeConfig(BaseModel):
     def input_paths(self) -> list[tuple[str, Path]]:
         """(config key, path) of every file or folder the merge reads."""
         found = [(f"candidates[{i}]", c.path) for i, c in enumerate(self.candidates)]
+        if self.model is not None and self.model.hf is not None:
+            found.append(("model.hf", self.model.hf))
         if self.data is not None:
-            found += [(f"data.{k}", getattr(self.data, k)) for k in ("path", "merge", "eval")]
+            for key in ("path", "merge", "eval", "tokenizer"):
+                paths = _as_list(getattr(self.data, key))
+                found += [(f"data.{key}", p) for p in paths]
         base = self.plan_section.base
         if base is not None and base not in self.candidate_names():
             found.append(("plan.base", Path(base)))
@@ -252,6 +294,14 @@ class MergeConfig(BaseModel):
         """Call the factory with ``model.kwargs``; a failure names the factory and the error."""
         if self.model is None:
             raise ConfigError(f"{self._source}: model: this run needs a model section")
+        if self.model.hf is not None:
+            from .hf import build_hf_model
+
+            try:
+                return build_hf_model(self.model.hf, self.model.task)
+            except ConfigError as exc:
+                raise ConfigError(f"{self._source}: model.hf: {exc}") from None
+        assert self.model.factory is not None
         factory = self._factory or _import_factory(
             self.model.factory, self._root, _Reporter(self._source)
         )
@@ -495,13 +545,21 @@ class _Reporter:
 
 
 def _check(cfg: MergeConfig, report: _Reporter) -> None:
-    if cfg.model is not None:
+    if cfg.model is not None and cfg.model.factory is not None:
         cfg._factory = _import_factory(cfg.model.factory, cfg._root, report)
         _check_kwargs(cfg._factory, cfg.model.kwargs, "model.kwargs", cfg.model.factory, report)
+    if cfg.model is not None and cfg.model.hf is not None:
+        from .hf import read_config
+
+        try:
+            read_config(cfg.model.hf)
+        except ConfigError as exc:
+            raise report.fail("model.hf", str(exc)) from None
     if cfg.data is not None:
         if cfg.model is None:
             raise report.fail("model", "required when a data section is given (to evaluate)")
-        _check_data(cfg.data, report)
+        _check_data(cfg, report)
+    _check_objective(cfg, report)
     _check_unique_names(cfg, report)
     _check_base(cfg, report)
     _check_rest_from(cfg, report)
@@ -623,8 +681,64 @@ def _check_kwargs(
         raise report.fail(key, f"{label}: {exc}") from None
 
 
-def _check_data(data: DataSection, report: _Reporter) -> None:
+def _check_objective(cfg: MergeConfig, report: _Reporter) -> None:
+    """``fit.objective: package.module:function`` must import and be callable."""
+    spec = cfg.fit.objective
+    if isinstance(spec, str) and ":" in spec:
+        from .objectives import import_callable
+
+        with _importable_from(cfg._root):
+            try:
+                import_callable(spec)
+            except SoftmergeError as exc:
+                raise report.fail("fit.objective", str(exc)) from None
+
+
+def _as_list(value: Any) -> list[Path]:
+    return [] if value is None else list(value) if isinstance(value, list) else [value]
+
+
+def _check_text_data(cfg: MergeConfig, report: _Reporter) -> None:
+    data = cfg.data
+    assert data is not None
+    unknown = [k for k in data.columns if k not in ("text", "label")]
+    if unknown:
+        raise report.fail(f"data.columns.{unknown[0]}", "unknown role; use text and label")
+    if data.dataset == "text":
+        if not data.merge:
+            raise report.fail("data.merge", "required with dataset 'text' (text files)")
+        for key in ("path", "split"):
+            if getattr(data, key):
+                raise report.fail(f"data.{key}", "not used with dataset 'text'")
+    else:
+        if data.path is None or not data.path.is_dir():
+            raise report.fail("data.path", "dataset 'hf' needs a datasets.save_to_disk folder")
+        for key in ("merge", "eval"):
+            if getattr(data, key) is not None:
+                raise report.fail(f"data.{key}", "not used with dataset 'hf' (use data.split)")
+        unknown = [k for k in data.split if k not in ("merge", "eval")]
+        if unknown:
+            raise report.fail(f"data.split.{unknown[0]}", "unknown role; use merge and eval")
+    if data.tokenizer is None and (cfg.model is None or cfg.model.hf is None):
+        raise report.fail(
+            "data.tokenizer", f"required with dataset {data.dataset!r} unless model.hf is given"
+        )
+    for key in ("merge", "eval"):
+        for path in _as_list(getattr(data, key)):
+            if path.is_dir():
+                raise report.fail(f"data.{key}", f"{path} is a folder, expected text files")
+
+
+def _check_data(cfg: MergeConfig, report: _Reporter) -> None:
+    data = cfg.data
+    assert data is not None
     ds = data.dataset
+    if ds in ("text", "hf"):
+        _check_text_data(cfg, report)
+        return
+    for key in ("tokenizer", "block_size", "columns", "split"):
+        if getattr(data, key):
+            raise report.fail(f"data.{key}", f"only used with dataset 'text' or 'hf', not {ds!r}")
     if ds == "tensors":
         if data.merge is None:
             raise report.fail(
@@ -635,6 +749,8 @@ def _check_data(data: DataSection, report: _Reporter) -> None:
                 raise report.fail(f"data.{key}", "not used with dataset 'tensors'")
         for key in ("merge", "eval"):
             path = getattr(data, key)
+            if isinstance(path, list):
+                raise report.fail(f"data.{key}", "dataset 'tensors' takes one file")
             if path is not None and path.is_dir():
                 raise report.fail(f"data.{key}", f"{path} is a folder, expected a tensors file")
         return

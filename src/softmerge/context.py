@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from . import distributed
 from .batches import first_batches, logits_of, split_on, untouched_order
 from .candidates import (
     Candidate,
@@ -48,6 +50,7 @@ from .evaluation import (
     recalibrate_batchnorm,
     skeleton,
 )
+from .hf import missing_aliases, tied_names
 from .memory import release_memory
 from .objectives import Objective, resolve_objective
 from .plan import GateLayout, MergePlan, build_layout
@@ -101,13 +104,17 @@ class MergeContext:
     objective: Any = "auto"
     device: Any = None
     storage_dtype: Any = None
+    shard_stack: bool = False  # in a distributed run, each process holds 1/K of the stack
     rank_batches: int = 4
     val_loader: Iterable[Any] | None = None  # scored during a fit (history), never trained on
     checkpoint: CheckpointSpec | None = None
+    adapter_base: Any = None  # the base model of LoRA adapter candidates (default: plan.base)
 
     def __post_init__(self) -> None:
-        pool = load_candidates(self.candidates, self.names, min_count=1)
         wanted = self.base if self.base is not None else self.plan.base
+        pool = load_candidates(
+            self.candidates, self.names, min_count=1, adapter_base=self._adapter_base(wanted)
+        )
         self.base_candidate, pool = (None, pool) if wanted is None else split_base(pool, wanted)
         need = 1 if self.base_candidate is not None else 2  # base + 1: slerp, task arithmetic
         if len(pool) < need:
@@ -119,6 +126,15 @@ class MergeContext:
         )
         self.storage_dtype = parse_dtype(self.storage_dtype)
         self.template: nn.Module | None = None
+        self.tied: dict[str, str] = tied_names(self.model)  # {tied name: name it is tied to}
+        if self.tied:  # checkpoints that stored a tied weight once answer to both names
+            pool = [c.with_aliases(missing_aliases(c.keys(), self.tied)) for c in pool]
+            self.pool = pool
+            if self.base_candidate is not None:
+                keys = self.base_candidate.keys()
+                self.base_candidate = self.base_candidate.with_aliases(
+                    missing_aliases(keys, self.tied)
+                )
         if self.model is not None:
             expected = model_infos(self.model)
             check_fits_model(pool[0], expected)
@@ -136,15 +152,29 @@ class MergeContext:
         self._rest: State | None = None
         self._stack: tuple[bool, CandidateStack] | None = None
 
+    def _adapter_base(self, wanted: Any) -> Path | None:
+        """Where LoRA adapter candidates find their base model: ``adapter_base``, else the
+        base (plan.base) when it is a path."""
+        if self.adapter_base is not None:
+            return Path(self.adapter_base)
+        if isinstance(wanted, (str, os.PathLike)) and Path(wanted).exists():
+            return Path(wanted)
+        return None
+
     # -- what merges -------------------------------------------------------------------------
 
     def _mergeable_shapes(self) -> dict[str, tuple[int, ...]]:
         """The model's parameters (buffers come from rest_from), or without a model every
         floating tensor of the candidates."""
         if self.template is not None:
-            return {n: tuple(p.shape) for n, p in self.template.named_parameters()}
-        infos: Mapping[str, TensorInfo] = self.pool[0].infos
-        return {k: i.shape for k, i in infos.items() if i.dtype.is_floating_point}
+            shapes = {n: tuple(p.shape) for n, p in self.template.named_parameters()}
+        else:
+            infos: Mapping[str, TensorInfo] = self.pool[0].infos
+            shapes = {k: i.shape for k, i in infos.items() if i.dtype.is_floating_point}
+        if all(c.is_adapter for c in self.pool):  # adapters change only what they target
+            targets = {t for c in self.pool for t in c.targets}
+            shapes = {k: v for k, v in shapes.items() if k in targets}
+        return shapes
 
     def layout_for(self, granularity: str) -> GateLayout:
         """The gate units of this plan at another granularity (learned soups: per tensor)."""
@@ -210,15 +240,23 @@ class MergeContext:
             model = self.require_model("ranking candidates")
             loader = self.require_data("rest_from: best")
             batches = untouched_order(loader, lambda: first_batches(loader, self.rank_batches))
+            # Distributed: each process sums the losses of its own batches; the sums are added
+            # up across processes, so every process ranks the candidates alike.
+            mine = list(distributed.my_batches(batches))
+            sums = [self._summed_loss(model, c, mine) if c.is_finite else 0.0 for c in self.pool]
+            totals = distributed.sum_across(sums)
             self._solo = {
-                c.name: self._mean_loss(model, c, batches) if c.is_finite else math.inf
-                for c in self.pool
+                c.name: total / len(batches) if c.is_finite else math.inf
+                for c, total in zip(self.pool, totals, strict=True)
             }
             release_memory()  # each candidate was read whole once: give that memory back
         return self._solo
 
     @torch.no_grad()
-    def _mean_loss(self, model: nn.Module, cand: Candidate, batches: list[Any]) -> float:
+    def _summed_loss(self, model: nn.Module, cand: Candidate, batches: list[Any]) -> float:
+        """The sum over ``batches`` of each batch's mean loss of ``cand`` alone."""
+        if not batches:
+            return 0.0
         state = self.model_state(cand.state)
         model.eval()
         total = 0.0
@@ -227,7 +265,7 @@ class MergeContext:
             logits = logits_of(functional_call(model, state, b.args, b.kwargs))
             total += float(self.objective_fn.loss(logits, b))
         cand.close()
-        return total / len(batches)
+        return total
 
     @property
     def reference(self) -> int:
@@ -278,8 +316,15 @@ class MergeContext:
             )
 
     def rest_keys(self) -> list[str]:
+        """Names outside the plan (tied copies excluded: they follow the name they are tied
+        to)."""
         merged = set(self.merged_names)
-        return [k for k in self.pool[0].infos if k not in merged]
+        return [k for k in self.pool[0].infos if k not in merged and k not in self.tied]
+
+    def output_keys(self) -> list[str]:
+        """The names a merged checkpoint holds: every name but tied copies (as Hugging Face's
+        ``save_pretrained`` writes them; loading re-ties them)."""
+        return [k for k in self.pool[0].infos if k not in self.tied]
 
     def rest_state(self) -> State:
         """Values of everything outside the plan (unmerged parameters and buffers), from
@@ -327,7 +372,13 @@ class MergeContext:
         if self._stack is None or self._stack[0] != deltas:
             self._stack = None  # free the old buffers before filling new ones
             base = self.require_base("task vectors") if deltas else None
-            stack = CandidateStack(
+            kind = CandidateStack
+            # LoRA adapters stack their small factors, never sharded (their rows are not rows
+            # of the merged weight).
+            adapters = all(c.is_adapter for c in self.pool)
+            if self.shard_stack and distributed.is_distributed() and not adapters:
+                from .sharded import ShardedStack as kind  # type: ignore[assignment]
+            stack = kind(
                 self.pool,
                 self.merged_names,
                 active=self.active,
@@ -342,9 +393,12 @@ class MergeContext:
     def release_stack(self) -> None:
         self._stack = None
 
-    def configure(self, device: Any = None, storage_dtype: Any = None) -> None:
-        """Move the merge to another device or stack dtype (a method's own setting); a stack
-        already built for other settings is dropped."""
+    def configure(
+        self, device: Any = None, storage_dtype: Any = None, shard_stack: bool | None = None
+    ) -> None:
+        """Move the merge to another device or stack dtype, or shard its stack across the
+        processes (a method's own settings); a stack already built for other settings is
+        dropped."""
         device, dtype = parse_device(device), parse_dtype(storage_dtype)
         if (device is not None and device != self.device) or (
             dtype is not None and dtype != self.storage_dtype
@@ -352,6 +406,8 @@ class MergeContext:
             self.device = device or self.device
             self.storage_dtype = dtype or self.storage_dtype
             self._stack, self._rest = None, None
+        if shard_stack is not None and shard_stack != self.shard_stack:
+            self.shard_stack, self._stack = shard_stack, None
 
     def model_dtypes(self) -> dict[str, torch.dtype]:
         model = self.require_model("a model state")
@@ -360,7 +416,11 @@ class MergeContext:
     def model_state(self, state: Mapping[str, torch.Tensor]) -> State:
         """``state`` on the merge's device and in the model's dtypes (for functional_call)."""
         dtypes = self.model_dtypes()
-        return {k: v.to(self.device, dtypes.get(k, v.dtype)) for k, v in state.items()}
+        return {
+            k: v.to(self.device, dtypes.get(k, v.dtype))
+            for k, v in state.items()
+            if k not in self.tied  # functional_call ties them from the name they follow
+        }
 
     def assemble(self, merged: Mapping[str, torch.Tensor]) -> State:
         """A full state dict: the merged tensors over the rest, in the model's key order (the
@@ -370,13 +430,24 @@ class MergeContext:
         order = self.template.state_dict(keep_vars=True) if self.template is not None else infos
         out = {}
         for k in order:
+            if k in self.tied:
+                continue
             value = merged[k] if k in merged else rest[k]
             out[k] = value.detach().to("cpu", infos[k].dtype).contiguous()
+        for alias, name in self.tied.items():  # the same tensor under both names
+            if alias in order:
+                out[alias] = out[name]
+        if self.tied:
+            out = {k: out[k] for k in order}
         return out
 
     def build_plain(self, state: Mapping[str, torch.Tensor]) -> nn.Module:
         """A fresh model holding ``state`` as it is (a candidate, with its own statistics)."""
-        return model_with_state(self.require_model("building a model"), state, self.device)
+        full = dict(state.items())
+        for alias, name in self.tied.items():  # tied copies a merged checkpoint leaves out
+            if alias not in full and name in full:
+                full[alias] = full[name]
+        return model_with_state(self.require_model("building a model"), full, self.device)
 
     def build(self, state: Mapping[str, torch.Tensor]) -> nn.Module:
         """A fresh model holding ``state``; BatchNorm statistics re-estimated on the merge set,

@@ -75,12 +75,6 @@ def _fresh_model(seed: int) -> CNN1D:
         return CNN1D(channels=CHANNELS)
 
 
-def _model_with(state: State) -> CNN1D:
-    model = CNN1D(channels=CHANNELS)
-    model.load_state_dict(state, strict=True)
-    return model.eval()
-
-
 def _score(ctx: MergeContext, model, loader) -> tuple[float, float]:
     metrics = ctx.evaluate(model, loader)
     return metrics["accuracy"], metrics["loss"]
@@ -149,7 +143,7 @@ def run_demo(
             merger.export(out / name)
             rows[name] = _score(sub, merger.merged_model(), test)
             # The file users get must give the reported number: reload it into a fresh module.
-            reloaded = _model_with(load_file(str(out / name / "merged.safetensors")))
+            reloaded = sub.build_plain(load_file(str(out / name / "merged.safetensors")))
             export_check[name] = _score(sub, reloaded, test) == rows[name]
             effective = merger.deterministic_gates()
             gates[name] = {c: float(effective[i].mean()) for i, c in enumerate(merger.names)}

@@ -85,6 +85,9 @@ class FitConfig(Settings):
     checkpoint_every: int = Field(0, ge=0)  # save the training state every K steps (0: never)
     device: str | None = None  # where the stack and gates live (default: the model's device)
     storage_dtype: str | None = None  # dtype of the stack (default: the candidates' own)
+    # Under torchrun: each process holds 1/K of the stack and only merged tensors travel
+    # (docs/scaling.md); without a process group it changes nothing.
+    shard_stack: bool = False
 
     @field_validator("objective", mode="before")
     @classmethod
@@ -269,11 +272,9 @@ class FitLoop:
 
 
 def _all_true(flag: torch.Tensor) -> torch.Tensor:
-    import torch.distributed as dist
+    from .distributed import all_true
 
-    value = flag.to(torch.int32).reshape(1)
-    dist.all_reduce(value, op=dist.ReduceOp.MIN)
-    return value[0] > 0
+    return all_true(flag)
 
 
 # ---------------------------------------------------------------------------------------------

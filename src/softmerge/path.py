@@ -43,7 +43,6 @@ from torch.utils.data import DataLoader, RandomSampler
 
 from .batches import Batch, cycle_batches, untouched_order
 from .errors import DataError, PlanError
-from .evaluation import set_gate_training_mode
 from .fit import FitConfig, FitLoop, FitResult, Recorder
 
 if TYPE_CHECKING:
@@ -234,6 +233,7 @@ class _Stages:
         """Gates initialised as in a plain fit (warm-up included), ``steps`` steps at ``lam``."""
         cfg = self.cfg.replace(l0_lambda=lam, steps=steps, epochs=None)
         loop = self.merger.make_loop(self.loader, cfg, None, self.loss_fn)  # type: ignore[arg-type]
+        self.merger.gate_training_mode()
         self.optimizer = loop.optimizer
         return self._run(loop, lam)
 
@@ -306,7 +306,6 @@ def fit_path(
     budget = max_steps if max_steps is not None else round(BUDGET * total)
     start = time.perf_counter()
     stages = _Stages(merger, loader, cfg, loss_fn)
-    set_gate_training_mode(merger.model)
     try:
         if grid is None:
             chain, search, ends = _search_grid(stages, total, stage, budget)

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from . import __version__
+from . import __version__, distributed
 from .batches import logits_of, split_batch
 from .compare import (
     Comparison,
@@ -75,6 +75,8 @@ def load_data(cfg: MergeConfig, objective: Objective, progress: bool = True) -> 
         if data.eval is not None:
             evals = read_tensor_file(data.eval, labels_needed="the eval set needs labels")
         return RunData(merge, evals, str(data.merge), None if evals is None else str(data.eval))
+    if data.dataset in ("text", "hf"):
+        return load_text_data(cfg, objective)
     kwargs: dict[str, Any] = dict(data.kwargs)
     if data.path is not None:
         kwargs["path"] = data.path
@@ -87,6 +89,71 @@ def load_data(cfg: MergeConfig, objective: Objective, progress: bool = True) -> 
     return RunData(
         splits.merge, splits.test, f"{data.dataset} merge split", f"{data.dataset} test split"
     )
+
+
+def load_text_data(cfg: MergeConfig, objective: Objective) -> RunData:
+    """Text files or a ``save_to_disk`` folder, tokenised: causal-LM blocks for language models,
+    padded sequences with their labels for classifiers."""
+    from .data import text
+
+    data, model = cfg.data, cfg.model
+    assert data is not None and model is not None
+    folder = data.tokenizer or model.hf
+    assert folder is not None  # the config checks guarantee it
+    tokenizer = text.load_tokenizer(folder)
+    config = _model_config(cfg)
+    vocab = getattr(config, "vocab_size", None)
+    if vocab is not None:
+        text.check_tokenizer_fits(tokenizer, int(vocab))
+    positions = _max_positions(config)
+    block = data.block_size or min(positions or 512, 512)
+    text.check_block_size(block, positions)
+    column, label = data.columns.get("text"), data.columns.get("label")
+    if objective.name == "classification" and label is None and data.dataset == "hf":
+        label = "label"
+
+    def tokenised(dataset: Any) -> Dataset:
+        if objective.name == "classification":
+            return text.tokenize_classification(
+                dataset, tokenizer, block, column="text", label_column="label"
+            )
+        return text.tokenize_blocks(dataset, tokenizer, block, column="text")
+
+    def read(key: str) -> tuple[Dataset | None, str | None]:
+        if data.dataset == "hf":
+            split = data.split.get(key)
+            if key == "eval" and split is None:
+                return None, None
+            roles = {"text": column or "text", **({"label": label} if label else {})}
+            loaded = text.load_hf_disk(data.path, split=split, columns=roles)
+            return tokenised(loaded), f"{data.path} ({split or 'the data set'})"
+        files = getattr(data, key)
+        if files is None:
+            return None, None
+        files = files if isinstance(files, list) else [files]
+        loaded = text.load_text_files(files, column=column, label_column=label)
+        return tokenised(loaded), ", ".join(str(f) for f in files)
+
+    merge, merge_source = read("merge")
+    evals, eval_source = read("eval")
+    assert merge is not None and merge_source is not None
+    return RunData(merge, evals, merge_source, eval_source)
+
+
+def _model_config(cfg: MergeConfig) -> Any:
+    if cfg.model is None or cfg.model.hf is None:
+        return None
+    import transformers
+
+    return transformers.AutoConfig.from_pretrained(str(cfg.model.hf), local_files_only=True)
+
+
+def _max_positions(config: Any) -> int | None:
+    for name in ("max_position_embeddings", "n_positions", "n_ctx"):
+        value = getattr(config, name, None)
+        if isinstance(value, int):
+            return value
+    return None
 
 
 def merge_loader(dataset: Dataset, batch_size: int, seed: int) -> DataLoader:
@@ -106,6 +173,10 @@ def check_model_runs(model: nn.Module, dataset: Dataset, source: str, factory: s
     """Run two samples through the model, so a shape or label mismatch names the data file."""
     batch = next(iter(DataLoader(dataset, batch_size=2)))
     b = split_batch(batch)
+    if b.kwargs:
+        from .data.text import check_batch_fields
+
+        check_batch_fields(model, list(batch))
     was_training = model.training
     model.eval()
     try:
@@ -220,17 +291,25 @@ def run_merge(
             "has no single merged state dict; compare it with softmerge compare instead"
         )
     run = prepare_run(cfg, progress=progress)
+    distributed.prepare_writer_wait()
     ctx = run.context(checkpoint if cfg.method == "soft" else None)
     log.info("merging %d candidates with %s", len(ctx.pool), method)
     outcome = method.merge(ctx)
-    rows = merge_rows(run, ctx, method, outcome)
-    summary = merge_summary(cfg, run, ctx, method, outcome, rows, out)
-    with staged_output(out) as stage:
-        files = write_outcome(stage, ctx, method, outcome, cfg)
-        summary["seconds"]["total"] = round(time.perf_counter() - start, 3)
-        summary["files"] = [*files, "summary.json", "summary.md"]
-        write_json(stage / "summary.json", summary)
-        write_text(stage / "summary.md", summary_markdown(summary))
+    if not distributed.is_writer():
+        distributed.wait_for_writer()  # rank 0 evaluates and writes; the others wait for it
+        return {}
+    with distributed.writing():
+        rows = merge_rows(run, ctx, method, outcome)
+        summary = merge_summary(cfg, run, ctx, method, outcome, rows, out)
+        with staged_output(out) as stage:
+            files = write_outcome(stage, ctx, method, outcome, cfg)
+            if ctx.pool[0].hf_folder is not None:  # a Hugging Face folder gets its model card
+                write_text(stage / "README.md", card_of(summary))
+                files.append("README.md")
+            summary["seconds"]["total"] = round(time.perf_counter() - start, 3)
+            summary["files"] = [*files, "summary.json", "summary.md"]
+            write_json(stage / "summary.json", summary)
+            write_text(stage / "summary.md", summary_markdown(summary))
     print_merge_report(summary, out)
     return summary
 
@@ -282,7 +361,8 @@ def write_outcome(
 
         paths = export_soft_merge(merger, stage, extra=extra, shard_size=cfg.output.shard_size)
         return sorted({p.name for p in paths.values()})
-    layout = [TensorEntry(k, i.shape, i.dtype) for k, i in ctx.pool[0].infos.items()]
+    infos = ctx.pool[0].infos
+    layout = [TensorEntry(k, infos[k].shape, infos[k].dtype) for k in ctx.output_keys()]
     written = write_merged(
         stage,
         outcome.items(),
@@ -292,6 +372,20 @@ def write_outcome(
         info={"method": method.name, "params": method.params.model_dump(by_alias=True)},
     )
     return sorted(p.name for group in written.values() for p in group)
+
+
+def card_of(summary: dict[str, Any]) -> str:
+    """The README.md model card of a merged Hugging Face folder, from the run's summary."""
+    from .hf import model_card
+
+    return model_card(
+        summary["method"],
+        summary["candidates"],
+        base=summary["base"],
+        params=summary["params"],
+        gates=summary.get("gates"),
+        results=summary["results"],
+    )
 
 
 def merge_summary(
@@ -326,6 +420,7 @@ def merge_summary(
         "info": plain_info(outcome.info),
         "seconds": {"merge": round(outcome.seconds, 3)},
         "threads": torch.get_num_threads(),
+        "processes": distributed.world_size(),
     }
     if result is not None:
         summary.update(
@@ -418,7 +513,8 @@ def compare_entries(cfg: MergeConfig, ctx: MergeContext, only: list[str] | None)
         ]
     else:
         soft = cfg.fit.model_dump(exclude={"seed", "progress"})
-        entries = default_entries(len(ctx.pool), ctx.base_candidate is not None, soft)
+        adapters = all(c.is_adapter for c in ctx.pool)
+        entries = default_entries(len(ctx.pool), ctx.base_candidate is not None, soft, adapters)
     if only:
         known = {e.label for e in entries} | {e.method.name for e in entries}
         unknown = [name for name in only if name not in known]

@@ -33,10 +33,11 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from . import distributed
 from . import gates as hc
-from .batches import Batch, cycle_batches, logits_of, split_on
+from .batches import Batch, cycle_batches, first_batches, logits_of, split_on, untouched_order
 from .candidates import Candidate
-from .checkpoint import Checkpointer, fingerprint, load_checkpoint, remove_checkpoint, restore
+from .checkpoint import Checkpointer, fingerprint, remove_checkpoint, restore
 from .context import MergeContext
 from .errors import CandidateError, ConfigError, PlanError
 from .evaluation import has_batchnorm, model_with_state, recalibrate_batchnorm
@@ -72,7 +73,11 @@ class SoftMerger:
     ``device`` (default: the model's) is where the stack, the gates and every step live;
     ``storage_dtype`` (default: the candidates' own floating dtype) is the stack's dtype; a
     bf16/fp16 stack accumulates the merge in float32. The merger keeps no copy of the model's
-    weights: only a weightless template of it."""
+    weights: only a weightless template of it.
+
+    Inside an initialised process group (torchrun), ``fit`` trains data-parallel: every process
+    gives it the same loader and takes its share of each batch (``softmerge.distributed``);
+    ``shard_stack=True`` also splits the stack across the processes (``softmerge.sharded``)."""
 
     def __init__(
         self,
@@ -84,6 +89,7 @@ class SoftMerger:
         base: Any = None,
         device: str | torch.device | None = None,
         storage_dtype: str | torch.dtype | None = None,
+        shard_stack: bool = False,
         context: MergeContext | None = None,
     ) -> None:
         self.ctx = context or MergeContext(
@@ -94,6 +100,7 @@ class SoftMerger:
             base=base,
             device=device,
             storage_dtype=storage_dtype,
+            shard_stack=shard_stack,
         )
         ctx = self.ctx
         self.plan = ctx.plan
@@ -117,6 +124,12 @@ class SoftMerger:
         self._bn_buffers: dict[str, torch.Tensor] | None = None
         self.result: FitResult | None = None
         self.path: LambdaPath | None = None  # set by fit_path (and fit with l0_lambda "auto")
+        # Distributed fits (set by make_loop): the model gate steps run (BatchNorm on the global
+        # batch's statistics), and this rank's weight, logs and penalty of the current step.
+        self._dist = False
+        self._train_model: nn.Module = self.model
+        self._share: tuple[float, dict[str, float], float] = (0.0, {}, 0.0)
+        self._final: tuple[tuple[Any, ...], dict[str, torch.Tensor]] | None = None
 
     def _report_excluded(self) -> None:
         for cand, ok in zip(self.ctx.pool, self.ctx.active, strict=True):
@@ -185,13 +198,21 @@ class SoftMerger:
     def merged_parameters(self, z: torch.Tensor, *, reuse: bool = False) -> dict[str, torch.Tensor]:
         """The merged tensors for gates ``z`` (N, U), in the model's dtypes (``reuse``: into
         the stack's step buffers, overwritten by the next call)."""
+        weights, axes = self.slot_weights(z)
+        return self.stack.mix(weights, axes, self._dtypes, reuse=reuse)
+
+    def slot_weights(
+        self, z: torch.Tensor
+    ) -> tuple[dict[str, torch.Tensor], dict[str, int | None]]:
+        """Each merged tensor's candidate weights for gates ``z``: (N,) per tensor, or (N, C)
+        per output channel, and the dimension the channels are in."""
         w = self.mixing_weights(z)
         weights, axes = {}, {}
         for slot in self.layout.slots:
             cols = w[:, slot.start : slot.start + slot.count]
             weights[slot.name] = cols if slot.per_channel else cols[:, 0]
             axes[slot.name] = slot.axis
-        return self.stack.mix(weights, axes, self._dtypes, reuse=reuse)
+        return weights, axes
 
     def l0_penalty(self) -> torch.Tensor:
         return self.gates.penalty(convex=not self.delta)
@@ -214,9 +235,12 @@ class SoftMerger:
         state.update(merged)
         return state
 
-    def _forward(self, state: Mapping[str, torch.Tensor], batch: Batch):
+    def _forward(
+        self, state: Mapping[str, torch.Tensor], batch: Batch, model: nn.Module | None = None
+    ):
         b = split_on(batch, self.ctx.device)
-        return logits_of(functional_call(self.model, dict(state), b.args, b.kwargs)), b
+        module = self.model if model is None else model
+        return logits_of(functional_call(module, dict(state), b.args, b.kwargs)), b
 
     # -- the fit loop's problem --------------------------------------------------------------
 
@@ -227,10 +251,37 @@ class SoftMerger:
         z = self.gates.sample(self._generator)
         merged = self.merged_parameters(z, reuse=True)
         state = self._functional_state(merged, fresh_buffers=True)
+        if self._dist:
+            return self._share_loss(state, batch, self._l0_lambda * self.l0_penalty())
         logits, b = self._forward(state, batch)
         task = self.ctx.objective_fn.loss(logits, b)
         total = task + self._l0_lambda * self.l0_penalty()
         return total, {"loss": total.item(), "task_loss": task.item()}
+
+    def _share_loss(
+        self, state: Mapping[str, torch.Tensor], batch: Batch, penalty: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """This rank's share of the batch. What is backpropagated is ``weight * mean loss`` of
+        the share (weight: samples, or tokens); :meth:`_reduce_gradients` divides the sum over
+        ranks by the total weight: the gradient of the global batch's mean loss."""
+        objective = self.ctx.objective_fn
+        logits, b = self._forward(state, distributed.shard_batch(batch), self._train_model)
+        weight = objective.weight(logits, b)
+        # A share with nothing to predict (all padding) still runs backward with the others.
+        task = objective.loss(logits, b) if weight > 0 else logits.sum() * 0.0
+        total = task + penalty
+        logs = {"loss": total.item(), "task_loss": task.item()}
+        self._share = (weight, logs, float(penalty.detach()))
+        return total * weight, logs
+
+    def _reduce_gradients(self, params: Sequence[nn.Parameter]) -> None:
+        """Gradients and logged losses of the global batch, the same on every rank."""
+        weight, logs, penalty = self._share
+        total, (task_sum,) = distributed.reduce_gradients(
+            params, weight, [weight * logs["task_loss"]]
+        )
+        task = task_sum / total
+        logs.update(loss=task + penalty, task_loss=task)
 
     def after_backward(self, step: int) -> None:
         if step <= self._warmup:
@@ -280,13 +331,14 @@ class SoftMerger:
         ckpt = None if checkpoint is None else Path(checkpoint)
         if resume and ckpt is None:
             raise PlanError("resume=True needs checkpoint=<path of the checkpoint file>")
-        saved = load_checkpoint(ckpt) if resume and ckpt is not None else None
+        saved = distributed.load_checkpoint_shared(ckpt) if resume and ckpt is not None else None
         start = time.perf_counter()
         loop = self.make_loop(loader, cfg, val_loader, loss_fn)
         losses = dict(self.ctx.solo_losses())
         if ckpt is not None:
             self._add_checkpointer(loop, cfg, ckpt, saved, losses, run_key, keep_checkpoint)
         set_gate_training_mode(self.model)
+        set_gate_training_mode(self._train_model)
         try:
             loop.run(cycle_batches(loader))
         finally:
@@ -295,7 +347,7 @@ class SoftMerger:
         self._bn_buffers = None
         if cfg.recalibrate_bn and has_batchnorm(self.model):
             self._bn_buffers = self._recalibrated_buffers(loader)
-        if ckpt is not None and not keep_checkpoint:
+        if ckpt is not None and not keep_checkpoint and distributed.is_writer():
             remove_checkpoint(ckpt)
         recorder = loop.callback(Recorder)
         self.result = FitResult(
@@ -361,14 +413,22 @@ class SoftMerger:
         self._l0_lambda = l0_lambda
         self._warmup = 0
         recorder = Recorder(cfg.record_every, self._record_extra, self.deterministic_gates)
+        progress = Progress(f"gates λ={l0_lambda:.3g}", cfg.progress and distributed.is_writer())
         return FitLoop(
             self,
             optimizer,
             steps,
             generator=self._generator,
             grad_clip=cfg.grad_clip,
-            callbacks=[recorder, Progress(f"gates λ={l0_lambda:.3g}", cfg.progress)],
+            callbacks=[recorder, progress],
+            reduce_gradients=self._reduce_gradients if self._dist else None,
         )
+
+    def gate_training_mode(self) -> None:
+        """The models in the mode gate steps run in (BatchNorm on batch statistics, dropout
+        off), as ``fit`` sets them; call after ``make_loop``."""
+        set_gate_training_mode(self.model)
+        set_gate_training_mode(self._train_model)
 
     def use_gates(
         self, state: Mapping[str, torch.Tensor], loader: Iterable[Batch] | None = None
@@ -400,6 +460,13 @@ class SoftMerger:
             raise PlanError("a fit loop trains at one λ; l0_lambda 'auto' runs the L0 path (fit)")
         ctx = self.ctx
         ctx.use_data(loader, loss_fn or cfg.objective, cfg.rank_batches)
+        self._dist = distributed.is_distributed()
+        if self._dist:
+            first = untouched_order(loader, lambda: first_batches(loader, 1))[0]
+            distributed.check_same_batches(first)
+        self._train_model = (
+            distributed.with_global_batchnorm(self.model) if self._dist else self.model
+        )
         losses = ctx.solo_losses()
         total = cfg.total_steps(loader)
         self._generator = torch.Generator().manual_seed(cfg.seed)
@@ -408,7 +475,8 @@ class SoftMerger:
         self._initialise_gates(cfg, losses)
         optimizer = default_optimizer(self.gate_parameters, cfg.optimizer, cfg.lr)
         recorder = Recorder(cfg.record_every, self._record_extra, self.deterministic_gates)
-        callbacks: list[Callback] = [recorder, Progress("gates", cfg.progress)]
+        progress = Progress("gates", cfg.progress and distributed.is_writer())
+        callbacks: list[Callback] = [recorder, progress]
         if val_loader is not None and cfg.eval_every:
             callbacks.insert(1, Validator(cfg.eval_every, lambda: self._score(val_loader)))
         return FitLoop(
@@ -418,6 +486,7 @@ class SoftMerger:
             generator=self._generator,
             grad_clip=cfg.grad_clip,
             callbacks=callbacks,
+            reduce_gradients=self._reduce_gradients if self._dist else None,
         )
 
     def _add_checkpointer(
@@ -434,7 +503,15 @@ class SoftMerger:
         key = self._fingerprint(cfg, loop.total_steps, run_key)
         notes = {"candidate_losses": losses, "reference": self.ctx.reference}
         loop.callbacks.append(
-            Checkpointer(ckpt, cfg.checkpoint_every, key, self.gates, notes, keep_last=keep)
+            Checkpointer(
+                ckpt,
+                cfg.checkpoint_every,
+                key,
+                self.gates,
+                notes,
+                keep_last=keep,
+                save=distributed.is_writer(),
+            )
         )
         if saved is None:
             return
@@ -484,7 +561,19 @@ class SoftMerger:
         # candidate gives, so other data is reported as such (its losses), not as another merge.
         pool = [*self.candidates, *([self.base] if self.base is not None else [])]
         rest = ((f"{c.name}/{k}", c.tensor(k)) for c in pool for k in self.ctx.rest_keys())
-        return fingerprint(description, itertools.chain(self.stack.buffers.items(), rest))
+        factors = (
+            (f"{name}/{part}", getattr(f, part))
+            for name, f in self.stack.lowrank.items()
+            for part in ("a", "b")
+        )
+        stacked = itertools.chain(self.stack.buffers.items(), factors)
+        key = fingerprint(description, itertools.chain(stacked, rest))
+        # A sharded stack: each rank hashed its own rows; the run is all of them, in rank order.
+        return distributed.combined_digest(key) if self._sharded else key
+
+    @property
+    def _sharded(self) -> bool:
+        return bool(getattr(self.stack, "sharded", False))
 
     def _record_extra(self) -> dict[str, Any]:
         gates = self.deterministic_gates()
@@ -492,28 +581,40 @@ class SoftMerger:
 
     @torch.no_grad()
     def _score(self, loader: Iterable[Batch]) -> dict[str, float]:
-        """Loss and metric of the deterministic merge (BatchNorm on batch statistics)."""
+        """Loss and metric of the deterministic merge (BatchNorm on batch statistics). In a
+        distributed run each rank scores its whole batches and the totals are summed."""
         state = self._functional_state(
             self.merged_parameters(self.deterministic_gates()), fresh_buffers=True
         )
         set_gate_training_mode(self.model)
         totals = Totals()
-        for batch in loader:
+        for batch in distributed.my_batches(loader):
             logits, b = self._forward(state, batch)
             totals.add(self.ctx.objective_fn.totals(logits, b))
-        return self.ctx.objective_fn.metrics(totals)
+        summed = distributed.sum_across([totals.loss, totals.weight, totals.correct])
+        return self.ctx.objective_fn.metrics(Totals(*summed))
 
     def _recalibrated_buffers(self, loader: Iterable[Batch]) -> dict[str, torch.Tensor]:
         state = self._merged_state(recalibrated=False)
         model = model_with_state(self.model, state, self.ctx.device)
-        recalibrate_batchnorm(model, loader)
+        distributed.recalibrate_batchnorm(model, loader)  # recalibrate_batchnorm, shared out
         return {k: v.detach().clone() for k, v in model.named_buffers()}
 
     # -- results -----------------------------------------------------------------------------
 
-    def _merged_state(self, recalibrated: bool = True) -> dict[str, torch.Tensor]:
+    def _deterministic_merge(self) -> dict[str, torch.Tensor]:
+        """The merged tensors at the test-time gates. A sharded stack's merge is collective: it
+        is kept until the gates change, so rank 0 can then export and evaluate on its own."""
         with torch.no_grad():
-            merged = self.merged_parameters(self.deterministic_gates())
+            if not self._sharded:
+                return self.merged_parameters(self.deterministic_gates())
+            version = (*(p._version for p in self.gate_parameters), self.ctx.reference)
+            if self._final is None or self._final[0] != version:
+                self._final = (version, self.merged_parameters(self.deterministic_gates()))
+            return self._final[1]
+
+    def _merged_state(self, recalibrated: bool = True) -> dict[str, torch.Tensor]:
+        merged = self._deterministic_merge()
         if recalibrated and self._bn_buffers is not None:
             merged = {**merged, **self._bn_buffers}
         return self.ctx.assemble(merged)

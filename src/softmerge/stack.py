@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
@@ -105,42 +106,60 @@ class _StackedMix(torch.autograd.Function):
     ) -> torch.Tensor:
         ctx.stack, ctx.axis = stack, axis
         ctx.save_for_backward(w)
-        acc = accumulation_dtype(stack.dtype)
-        w = w.to(acc)
-        if out is None:
-            out = torch.empty(stack.shape[1:], dtype=acc, device=stack.device)
-        if axis is None:
-            _weighted_rows(out.view(-1), stack.view(stack.shape[0], -1), w, offset)
-        else:
-            if offset is None:
-                out.zero_()
-            else:
-                out.copy_(offset)
-            for j in range(stack.shape[0]):
-                out.addcmul_(stack[j].to(acc), _along(w[j], axis, out.dim()))
+        out = mix_into(w, stack, axis, offset, out)
         return out.view(out.shape)  # a view: each step's output is its own autograd tensor
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
         (w,) = ctx.saved_tensors
-        stack, axis = ctx.stack, ctx.axis
-        acc = accumulation_dtype(stack.dtype)
-        grad = grad.to(acc)
-        if axis is None:
-            flat, g = stack.view(stack.shape[0], -1), grad.reshape(-1)
-            if stack.dtype == acc:
-                return torch.mv(flat, g).to(w.dtype), None, None, None, None
-            total = torch.zeros(flat.shape[0], dtype=acc, device=stack.device)
-            for part, start, stop in _upcast_chunks(flat, acc):
-                total += torch.mv(part, g[start:stop])
-            return total.to(w.dtype), None, None, None, None
-        dims = [d for d in range(grad.dim()) if d != axis]
-        # (sum over an empty list of dims would reduce everything: a 1-D tensor has none)
-        rows = [
-            (stack[j].to(acc) * grad).sum(dim=dims) if dims else stack[j].to(acc) * grad
-            for j in range(stack.shape[0])
-        ]
-        return torch.stack(rows).to(w.dtype), None, None, None, None
+        return mix_weight_grad(ctx.stack, ctx.axis, grad).to(w.dtype), None, None, None, None
+
+
+def mix_into(
+    w: torch.Tensor,
+    stack: torch.Tensor,
+    axis: int | None,
+    offset: torch.Tensor | None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``out = offset + sum_j w[j] * stack[j]`` in the accumulation dtype (w: (N,), or (N, C)
+    broadcast along ``axis``); ``out`` is allocated when None."""
+    acc = accumulation_dtype(stack.dtype)
+    w = w.to(acc)
+    if out is None:
+        out = torch.empty(stack.shape[1:], dtype=acc, device=stack.device)
+    if axis is None:
+        _weighted_rows(out.view(-1), stack.view(stack.shape[0], -1), w, offset)
+    else:
+        if offset is None:
+            out.zero_()
+        else:
+            out.copy_(offset)
+        for j in range(stack.shape[0]):
+            out.addcmul_(stack[j].to(acc), _along(w[j], axis, out.dim()))
+    return out
+
+
+def mix_weight_grad(stack: torch.Tensor, axis: int | None, grad: torch.Tensor) -> torch.Tensor:
+    """``dL/dw`` of :func:`mix_into` for ``grad = dL/dout``: (N,), or (N, C) along ``axis``;
+    in the accumulation dtype. Reads the stack once (half stacks in float32 chunks)."""
+    acc = accumulation_dtype(stack.dtype)
+    grad = grad.to(acc)
+    if axis is None:
+        flat, g = stack.view(stack.shape[0], -1), grad.reshape(-1)
+        if stack.dtype == acc:
+            return torch.mv(flat, g)
+        total = torch.zeros(flat.shape[0], dtype=acc, device=stack.device)
+        for part, start, stop in _upcast_chunks(flat, acc):
+            total += torch.mv(part, g[start:stop])
+        return total
+    dims = [d for d in range(grad.dim()) if d != axis]
+    # (sum over an empty list of dims would reduce everything: a 1-D tensor has none)
+    rows = [
+        (stack[j].to(acc) * grad).sum(dim=dims) if dims else stack[j].to(acc) * grad
+        for j in range(stack.shape[0])
+    ]
+    return torch.stack(rows)
 
 
 def _weighted_rows(
@@ -193,6 +212,33 @@ def _along(w: torch.Tensor, axis: int, ndim: int) -> torch.Tensor:
     return w.view(shape)
 
 
+@dataclass
+class LowRank:
+    """LoRA factors of N adapters for one weight, concatenated along the rank (R = sum r_j):
+    delta = (B * col) @ A with col[k] = w[owner[k]] * scale[k] (per output row with channel
+    weights), transposed for weights stored (in, out). Autograd differentiates through it."""
+
+    a: torch.Tensor  # (R, in)
+    b: torch.Tensor  # (out, R)
+    owner: torch.Tensor  # (R,) the candidate each rank row belongs to
+    scale: torch.Tensor  # (R,) that candidate's alpha / r
+    transposed: bool
+
+    @property
+    def nbytes(self) -> int:
+        return self.a.numel() * self.a.element_size() + self.b.numel() * self.b.element_size()
+
+    def columns(self, w: torch.Tensor, axis: int | None) -> torch.Tensor:
+        """The factor each column of B is multiplied by: (R,) or (out, R) for channel gates."""
+        if axis is None:
+            return w.float()[self.owner] * self.scale
+        return w.float().t()[:, self.owner] * self.scale
+
+    def delta(self, w: torch.Tensor, axis: int | None) -> torch.Tensor:
+        product = (self.b.float() * self.columns(w, axis)) @ self.a.float()
+        return product.t() if self.transposed else product
+
+
 class CandidateStack:
     """Every merged tensor of N candidates in one ``(N, *shape)`` buffer each.
 
@@ -224,8 +270,13 @@ class CandidateStack:
         names_iter: Iterable[str] = tqdm(
             self.names, desc="stacking", disable=not progress, leave=False
         )
+        adapters = bool(candidates) and all(c.is_adapter for c in candidates)
+        self.lowrank: dict[str, LowRank] = {}
         for name in names_iter:
-            self.buffers[name] = self._stack_one(candidates, name, base)
+            if adapters:  # LoRA candidates: their factors, not N full-size deltas
+                self.lowrank[name] = self._stack_factors(candidates, name)
+            else:
+                self.buffers[name] = self._stack_one(candidates, name, base)
         for c in [*candidates, *([base] if base is not None else [])]:
             c.close()
         release_memory()
@@ -249,11 +300,42 @@ class CandidateStack:
                 buf[j].copy_(cand.tensor(name).to(self.device, acc) - theta0.to(acc))
         return buf
 
+    def _stack_factors(self, candidates: Sequence[Candidate], name: str) -> LowRank:
+        """Every adapter's A and B for weight ``name``, concatenated along the rank; the base
+        weight (the adapters' own base) becomes the offset."""
+        parts = [
+            c.reader.factors(name) if self.active[j] else None for j, c in enumerate(candidates)
+        ]
+        present = [(j, f) for j, f in enumerate(parts) if f is not None]
+        base_reader = candidates[0]._inner_reader().base  # type: ignore[attr-defined]
+        self.offset[name] = base_reader.read(name).to(self.device)
+        shape = candidates[0].infos[name].shape
+        transposed = bool(present) and present[0][1].transposed
+        out_dim, in_dim = (shape[-1], shape[0]) if transposed else (shape[0], shape[-1])
+        a = [f.a.to(self.device, self.dtype) for _, f in present]
+        b = [f.b.to(self.device, self.dtype) for _, f in present]
+        owner = [j for j, f in present for _ in range(f.rank)]
+        scale = [f.scale for _, f in present for _ in range(f.rank)]
+        return LowRank(
+            a=torch.cat(a) if a else torch.zeros(0, in_dim, dtype=self.dtype, device=self.device),
+            b=torch.cat(b, 1)
+            if b
+            else torch.zeros(out_dim, 0, dtype=self.dtype, device=self.device),
+            owner=torch.tensor(owner, dtype=torch.long, device=self.device),
+            scale=torch.tensor(scale, dtype=torch.float32, device=self.device),
+            transposed=transposed,
+        )
+
     # -- views -------------------------------------------------------------------------------
 
     @property
     def nbytes(self) -> int:
-        return sum(b.numel() * b.element_size() for b in self.buffers.values())
+        dense = sum(b.numel() * b.element_size() for b in self.buffers.values())
+        return dense + sum(f.nbytes for f in self.lowrank.values())
+
+    @property
+    def names_stacked(self) -> list[str]:
+        return [*self.buffers, *self.lowrank]
 
     def candidate(self, j: int) -> dict[str, torch.Tensor]:
         """Candidate j's merged tensors (views of the stack, plus theta_0 with a base)."""
@@ -261,6 +343,10 @@ class CandidateStack:
         for name, buf in self.buffers.items():
             row = buf[j]
             out[name] = row + self.offset[name].to(row.dtype) if name in self.offset else row
+        for name, factors in self.lowrank.items():
+            w = torch.zeros(self.count, device=self.device)
+            w[j] = 1.0
+            out[name] = self.offset[name].float() + factors.delta(w, None)
         return out
 
     def mix(
@@ -281,6 +367,11 @@ class CandidateStack:
         out = {}
         for name, w in weights.items():
             axis = (axes or {}).get(name)
+            if name in self.lowrank:
+                theta = self.offset[name].float() + self.lowrank[name].delta(w, axis)
+                want = (dtypes or {}).get(name)
+                out[name] = theta if want is None or want == theta.dtype else theta.to(want)
+                continue
             buffer = self._output(name) if reuse else None
             offset = self.offset.get(name)
             theta = _StackedMix.apply(w, self.buffers[name], axis, offset, buffer)

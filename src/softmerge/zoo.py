@@ -275,18 +275,13 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
 def evaluate(
     model: nn.Module, dataset_or_loader: Dataset | DataLoader, batch_size: int = 1024
 ) -> tuple[float, float]:
-    """Return (accuracy in percent, mean cross-entropy) of ``model`` on the data."""
+    """Return (accuracy in percent, mean cross-entropy) of ``model`` on the data: the one
+    evaluation loop (:func:`softmerge.evaluation.evaluate`) with the classification objective."""
+    from .evaluation import evaluate as evaluate_with
+
     _check_nonempty(dataset_or_loader, "evaluation")
-    device = _device(model)
-    correct, loss_sum, count = 0, 0.0, 0
-    with _eval_mode(model):
-        for x, y in _loader(dataset_or_loader, batch_size):
-            x, y = x.to(device), y.to(device)
-            logits = model(x)
-            loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
-            correct += int((logits.argmax(1) == y).sum())
-            count += len(y)
-    return 100.0 * correct / count, loss_sum / count
+    metrics = evaluate_with(model, _loader(dataset_or_loader, batch_size), "classification")
+    return metrics["accuracy"], metrics["loss"]
 
 
 def predict_logits(

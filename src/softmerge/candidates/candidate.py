@@ -20,7 +20,8 @@ import torch
 
 from ..errors import CandidateError
 from ..memory import release_memory
-from .readers import INDEX_SUFFIX, MemoryReader, Reader, TensorInfo, open_path
+from .adapters import AdapterReader, adapter_base, is_adapter
+from .readers import INDEX_SUFFIX, Aliased, MemoryReader, Reader, TensorInfo, open_path
 
 logger = logging.getLogger("softmerge")
 
@@ -93,6 +94,21 @@ class Candidate:
         self.reader.close()
 
     @property
+    def is_adapter(self) -> bool:
+        return bool(getattr(self._inner_reader(), "targets", None))
+
+    def _inner_reader(self) -> Reader:
+        reader = self.reader
+        while hasattr(reader, "inner"):
+            reader = reader.inner
+        return reader
+
+    @property
+    def targets(self) -> list[str]:
+        """The weights a LoRA adapter changes (empty for a full checkpoint)."""
+        return list(getattr(self._inner_reader(), "targets", []))
+
+    @property
     def nonfinite(self) -> dict[str, int]:
         """NaN/Inf count per floating tensor that has some (one streaming pass, then cached)."""
         if self._nonfinite is None:
@@ -110,6 +126,14 @@ class Candidate:
     def scanned(self) -> bool:
         """Whether the streaming NaN/Inf scan has run."""
         return self._nonfinite is not None
+
+    def with_aliases(self, aliases: Mapping[str, str]) -> Candidate:
+        """The same checkpoint answering to more names (``{new name: stored name}``)."""
+        if not aliases:
+            return self
+        same = Candidate(self.name, Aliased(self.reader, aliases), self.source, self.hf_folder)
+        same._nonfinite = self._nonfinite
+        return same
 
     def renamed(self, name: str) -> Candidate:
         """The same checkpoint under another name (its scan is recomputed when asked)."""
@@ -153,13 +177,29 @@ def _warn_nonfinite(c: Candidate) -> None:
 # --------------------------------------------------------------------------- loading
 
 
-def load_candidate(source: CandidateSource, name: str | None = None) -> Candidate:
+def load_candidate(
+    source: CandidateSource, name: str | None = None, *, adapter_base: Path | None = None
+) -> Candidate:
     """One candidate from a path, module, tensor mapping or existing Candidate (nothing read
-    but headers)."""
-    return _load_one(source, name if name is not None else default_name(source, 0))
+    but headers). A LoRA adapter folder reads on ``adapter_base`` (or the base it names)."""
+    chosen = name if name is not None else default_name(source, 0)
+    return _load_one(source, chosen, adapter_base)
 
 
-def _load_one(source: CandidateSource, name: str) -> Candidate:
+def _load_adapter(folder: Path, name: str, base: Path | None) -> Candidate:
+    """A LoRA adapter folder on its base model (``base``, or the base its config names)."""
+    base = base or adapter_base(folder)
+    if base is None:
+        raise CandidateError(
+            f"{folder}: a LoRA adapter needs its base model: give the base model's folder "
+            "(plan.base, or model.hf in a YAML config)"
+        )
+    reader = AdapterReader(folder, open_path(Path(base)))
+    hf = Path(base) if Path(base).is_dir() else None
+    return Candidate(name, reader, os.fspath(folder), hf)
+
+
+def _load_one(source: CandidateSource, name: str, adapter_base: Path | None = None) -> Candidate:
     if isinstance(source, Candidate):
         return source if source.name == name else source.renamed(name)
     if isinstance(source, torch.nn.Module):
@@ -168,6 +208,8 @@ def _load_one(source: CandidateSource, name: str) -> Candidate:
         return Candidate(name, MemoryReader(source, f"<memory:{name}>"))
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
+        if is_adapter(path):
+            return _load_adapter(path, name, adapter_base)
         folder = path if path.is_dir() else None
         return Candidate(name, open_path(path), os.fspath(source), folder)
     raise CandidateError(
@@ -203,6 +245,7 @@ def load_candidates(
     names: Sequence[str] | None = None,
     *,
     min_count: int = 2,
+    adapter_base: Path | None = None,
 ) -> list[Candidate]:
     """Open and validate all candidates from their headers; names are unique (auto names get
     ``-1``, ``-2``...)."""
@@ -218,7 +261,7 @@ def load_candidates(
             f"need at least {min_count} candidates to merge, got {len(sources)}"
             + (f": {got}" if got else "")
         )
-    candidates = [_load_one(s, n) for s, n in zip(sources, final_names, strict=True)]
+    candidates = [_load_one(s, n, adapter_base) for s, n in zip(sources, final_names, strict=True)]
     validate_candidates(candidates)
     return candidates
 

@@ -89,6 +89,10 @@ class Reader:
     def close(self) -> None:
         """Drop open handles and mappings; the next read reopens them."""
 
+    def factors(self, key: str) -> Any:
+        """Low-rank factors of ``key`` when the reader is a LoRA adapter (else None)."""
+        return None
+
 
 # --------------------------------------------------------------------------- safetensors
 
@@ -356,6 +360,29 @@ class PrefixStripped(Reader):
 
     def read(self, key: str) -> torch.Tensor:
         return self.inner.read(DDP_PREFIX + key)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+class Aliased(Reader):
+    """A reader that also answers to other names (tied weights a checkpoint stored once)."""
+
+    def __init__(self, inner: Reader, aliases: Mapping[str, str]) -> None:
+        self.inner = inner
+        self.source = inner.source
+        self.aliases = dict(aliases)
+        infos = inner.infos()
+        self._infos = {**infos, **{a: infos[k] for a, k in self.aliases.items()}}
+
+    def infos(self) -> dict[str, TensorInfo]:
+        return self._infos
+
+    def read(self, key: str) -> torch.Tensor:
+        return self.inner.read(self.aliases.get(key, key))
+
+    def factors(self, key: str) -> Any:
+        return self.inner.factors(self.aliases.get(key, key))
 
     def close(self) -> None:
         self.inner.close()

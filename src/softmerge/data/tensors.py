@@ -8,17 +8,21 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file
-from torch.utils.data import TensorDataset
+from torch.utils.data import Dataset, TensorDataset
 
 from ..candidates import PICKLE_SUFFIXES
 from ..errors import DataError
 
 
-def read_tensor_file(path: Path, labels_needed: str | None) -> TensorDataset:
-    """A TensorDataset of ``x`` (and ``y``) from a safetensors or weights-only torch file.
+def read_tensor_file(path: Path, labels_needed: str | None) -> Dataset:
+    """A data set from a safetensors or weights-only torch file: ``x`` (and ``y``) tensors, or
+    tokenised fields (``input_ids``, and ``attention_mask``, ``labels``...) whose batches are
+    dicts for a Hugging Face model.
 
     ``labels_needed``: why ``y`` is required (the error says so), or None when it is not."""
     tensors = _read_tensors(path)
+    if "input_ids" in tensors:
+        return _token_fields(path, tensors)
     x, y = tensors.get("x"), tensors.get("y")
     if not isinstance(x, torch.Tensor):
         found = ", ".join(map(str, tensors)) or "nothing"
@@ -37,12 +41,30 @@ def read_tensor_file(path: Path, labels_needed: str | None) -> TensorDataset:
     return TensorDataset(x, y.long())
 
 
+def _token_fields(path: Path, tensors: Mapping[str, Any]) -> Dataset:
+    """Pre-tokenised data: every tensor a field, one row per sample."""
+    from .text import TokenBlocks
+
+    rows = {k: len(v) for k, v in tensors.items() if isinstance(v, torch.Tensor) and v.dim()}
+    if len(set(rows.values())) != 1 or len(rows) != len(tensors):
+        raise DataError(f"{path}: tokenised fields must be tensors of as many rows: {rows}")
+    if next(iter(rows.values())) == 0:
+        raise DataError(f"{path}: 'input_ids' holds no samples")
+    labels = tensors.get("labels")
+    if isinstance(labels, torch.Tensor) and bool((labels == -100).all()):
+        raise DataError(
+            f"{path}: every label is -100 (ignored): nothing to learn from or to score; "
+            "check the labels (or leave them out: a language model predicts its input_ids)"
+        )
+    return TokenBlocks({k: v for k, v in tensors.items()})
+
+
 def _read_tensors(path: Path) -> Mapping[str, Any]:
     name = path.name.lower()
     if not name.endswith((".safetensors", *PICKLE_SUFFIXES)):
         raise DataError(
             f"{path}: unsupported file type '{path.suffix}'; use .safetensors or "
-            f"{', '.join(PICKLE_SUFFIXES)} holding tensors 'x' and 'y'"
+            f"{', '.join(PICKLE_SUFFIXES)} holding tensors 'x' and 'y' (or input_ids...)"
         )
     try:
         if name.endswith(".safetensors"):

@@ -75,6 +75,7 @@ def export_soft_merge(
 ) -> dict[str, Path]:
     """Weights, gates.json, gates.png, history.json and convergence.png of a fitted merge."""
     state = merger.merged_state_dict()
+    state = {k: v for k, v in state.items() if k not in merger.ctx.tied}  # re-tied on load
     info = merger.describe()
     result = merger.result
     if result is not None:
@@ -96,6 +97,17 @@ def export_soft_merge(
     # "weights": the file (or shard index) a user loads; the other files by name.
     paths: dict[str, Path] = {"weights": files[-1] if len(files) > 1 else files[0]}
     paths.update({p.name: p for group in written.values() for p in group})
+    if merger.stack.lowrank:  # a soft merge of LoRA adapters is also one adapter
+        from ..candidates.adapters import read_adapter_config
+        from .adapter import write_merged_adapter
+
+        with torch.no_grad():
+            weights, axes = merger.slot_weights(merger.deterministic_gates())
+        template = read_adapter_config(Path(merger.candidates[0].source))
+        for p in write_merged_adapter(
+            out_dir / "adapter", merger.stack.lowrank, weights, axes, template
+        ):
+            paths[f"adapter/{p.name}"] = p
     snap = merger.gate_snapshot()
     gate_extra: dict[str, Any] = {"merge": info}
     path = getattr(merger, "path", None)

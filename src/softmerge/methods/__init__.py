@@ -16,6 +16,7 @@ from . import (  # noqa: F401  (each module registers its methods on import)
     learned_soup,
     linear,
     model_stock,
+    peft_combination,
     slerp,
     soft_merging,
     task_arithmetic,
@@ -46,6 +47,7 @@ METHOD_NAMES: tuple[str, ...] = (
     "task_wise_adamerging",
     "layer_wise_adamerging",
     "ensemble",
+    "peft",
     "soft",
 )
 assert set(METHOD_NAMES) == set(REGISTRY), "METHOD_NAMES must list every registered method"

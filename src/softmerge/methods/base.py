@@ -137,6 +137,7 @@ class MergeMethod:
     needs_base: ClassVar[bool] = False  # merges task vectors theta_j - theta_0
     needs_data: ClassVar[bool] = False  # learns or scores on the merge set
     single_model: ClassVar[bool] = True  # False: keeps N models (output ensemble)
+    needs_adapters: ClassVar[bool] = False  # only merges LoRA adapter candidates
 
     def __init__(self, params: MethodParams | None = None) -> None:
         self.params = params if params is not None else self.Params()
@@ -240,7 +241,7 @@ class TensorwiseMethod(MergeMethod):
         fn = METHODS[self.function]
         base = self.base_of(ctx)
         merged = set(ctx.merged_names)
-        keys = list(ctx.pool[0].infos)
+        keys = ctx.output_keys()
 
         def one_pass() -> Iterator[tuple[str, torch.Tensor]]:
             kwargs = self.tensor_kwargs(ctx)  # afresh: DARE's generator restarts every pass

@@ -43,7 +43,7 @@ class SoftMerging(MergeMethod):
 
     def run(self, ctx: MergeContext) -> MergeOutcome:
         cfg = self.fit_config(ctx)
-        ctx.configure(cfg.device, cfg.storage_dtype)
+        ctx.configure(cfg.device, cfg.storage_dtype, shard_stack=cfg.shard_stack)
         spec = ctx.checkpoint
         if cfg.l0_lambda == "auto":
             return self._run_path(ctx, cfg)

@@ -385,3 +385,21 @@ def test_cli_path_refuses_other_methods_and_bad_lambda(tmp_path: Path, pool, cap
     err = capsys.readouterr().err
     assert "fit.l0_lambda: expected a number >= 0 or 'auto', got 'automatic'" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_engine_page_rewrites_only_the_parts_that_ran() -> None:
+    """`benchmarks/engine.py --only path` replaces its section of docs/performance.md and keeps
+    the others (and the page's header) as they were."""
+    import sys
+
+    bench = Path(__file__).resolve().parents[1] / "benchmarks"
+    sys.path.insert(0, str(bench))
+    try:
+        import engine
+    finally:
+        sys.path.remove(str(bench))
+    old = "# T\n\nrun 1\n\n## A\n\none\n\n## B\n\ntwo\n"
+    new = "# T\n\nrun 2\n\n## B\n\nthree\n\n## C\n\nfour\n"
+    assert (
+        engine._splice(old, new) == "# T\n\nrun 1\n\n## A\n\none\n\n## B\n\nthree\n\n## C\n\nfour\n"
+    )

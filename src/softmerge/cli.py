@@ -104,6 +104,11 @@ def _merge(args: argparse.Namespace, extra: list[str]) -> int:
     if writer and ckpt.is_file() and not args.resume:
         log.warning("%s: starting over; pass --resume to continue that interrupted run", ckpt)
     checkpointing = bool(cfg.fit.checkpoint_every or args.resume)
+    if checkpointing and cfg.build_method("soft", cfg.params).params.l0_lambda == "auto":
+        raise ConfigError(
+            f"{cfg.source}: fit.l0_lambda: 'auto' runs the L0 path, which is not checkpointed; "
+            "drop fit.checkpoint_every and --resume, or give l0_lambda a number"
+        )
     spec = None
     if checkpointing:
         # Kept until the outputs are written, so a crash while writing can still resume.

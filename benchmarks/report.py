@@ -1025,7 +1025,7 @@ def plot_l0_path(res: Results, path: Path) -> bool:
             ys = [p.get("test_acc") if finite(p.get("test_acc")) else math.nan for p in rec["path"]]
             (line,) = ax.plot(xs, ys, marker="o", ms=3, lw=1, label=c)
             k = rec["l0_choice"]["index"]
-            ax.plot([xs[k]], [ys[k]], "o", ms=9, mfc="none", mec=line.get_color())
+            ax.plot([xs[k]], [ys[k]], "o", ms=9, mfc="none", color=line.get_color())
             d = [r for r in res.rows(s, c).get(HEADLINE, []) if r["seed"] == rec["seed"]]
             if d and finite(d[0].get("test_acc")):
                 ax.plot(

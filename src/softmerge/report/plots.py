@@ -249,8 +249,10 @@ def plot_path(
     left.set_title(f"{metric} along the L0 path (labels: λ)")
     lams = [float(p["lambda"]) for p in points]
     positive = [v for v in lams if v > 0]
-    for name in candidates:
-        _line(right, lams, [float(p["open_units"].get(name, 0)) for p in points], label=name)
+    styles = ("-", "--", ":", "-.")  # candidates that close together draw on one another
+    for i, name in enumerate(candidates):
+        ys = [float(p["open_units"].get(name, 0)) for p in points]
+        _line(right, lams, ys, label=name, linestyle=styles[i % len(styles)])
     if positive:
         right.set_xscale("symlog", linthresh=min(positive))
     right.set_xlabel("λ")

@@ -42,7 +42,8 @@ bench: $(STAMP)
 
 # The engine at real model sizes (issue 10): memory of soft merging (curves over N and model
 # size), static merges side by side with mergekit-yaml 0.1.5 (installed into its own venv under
-# bench-out/engine), gate step vs plain step. Writes docs/performance.md. About 30 minutes.
+# bench-out/engine), gate step vs plain step, gate step on 2 processes (issue 12). Writes
+# docs/performance.md. About 35 minutes.
 perf: $(STAMP)
 	$(PY) benchmarks/engine.py --out bench-out/engine --docs docs
 

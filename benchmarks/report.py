@@ -28,6 +28,9 @@ ALIGNED = "soft (tensor), aligned"  # S2: the headline after weight matching (pl
 SOUP_ALIGNED = "uniform soup, aligned"
 LEARNED = "soft (tensor, delta_scale learned)"  # S5: task vectors' scale learned with the gates
 TA_TUNED = "task arithmetic (lambda tuned)"
+AUTO = "soft (tensor), λ auto"  # fit.l0_lambda: auto, whose record carries the L0 path
+PATH_SETTINGS = ("S1", "S3", "S5")  # the tables claim 3 is judged on along the path
+DEFAULT_LAMBDA = 1e-3  # FitConfig's default λ
 EXTREME = ("scaled_x100", "noise_x10", "nan_inf")  # "malicious models with extreme values"
 MARGIN = 1.0  # accuracy points: "collapses" / "within" thresholds of the rules
 STEP_LIMIT = 1.25  # acceptance: gate step <= 1.25x a plain step (MLP and CNN, N=5, batch 128)
@@ -387,13 +390,15 @@ def claim2(res: Results) -> dict[str, str]:
     }
 
 
-def claim3(res: Results) -> dict[str, str]:
-    soft = res.all(lambda r: r.get("method") == "soft" and "gate_zero_frac" in r)
-    zero = statistics.fmean(r["gate_zero_frac"] for r in soft) if soft else math.nan
-    one = statistics.fmean(r["gate_one_frac"] for r in soft) if soft else math.nan
-    runs_zero = sum(r["gate_zero_frac"] > 0 for r in soft)
-    runs_one = sum(r["gate_one_frac"] > 0 for r in soft)
-    pairs = []  # (open gates per unit, acc) with and without the L0 term, same table and seed
+def path_runs(res: Results, settings: tuple[str, ...] = PATH_SETTINGS) -> list[dict]:
+    """The auto-λ records (each carries its L0 path) of ``settings``, without errors."""
+    return res.all(lambda r: r["row"] == AUTO and r["setting"] in settings and bool(r.get("path")))
+
+
+def _default_pairs(res: Results) -> tuple[float, float, float, int]:
+    """Default λ (1e-3) minus λ = 0, soft (tensor), same table and seed: expected L0 per unit,
+    open gates per unit, test accuracy; and the number of pairs."""
+    pairs = []
     off = {
         (r["setting"], r["config"], r["seed"]): r
         for r in res.all(lambda r: r["row"].startswith("soft (tensor), L0 off"))
@@ -408,37 +413,80 @@ def claim3(res: Results) -> dict[str, str]:
                     r["test_acc"] - o["test_acc"],
                 )
             )
-    d_l0 = statistics.fmean(p[0] for p in pairs) if pairs else math.nan
-    d_open = statistics.fmean(p[1] for p in pairs) if pairs else math.nan
-    d_acc = statistics.fmean(p[2] for p in pairs) if pairs else math.nan
-    off_runs = res.all(
-        lambda r: r["row"].startswith("soft (tensor), L0 off") and "gate_zero_frac" in r
-    )
-    off_zero = sum(r["gate_zero_frac"] > 0 for r in off_runs)
+    means = [statistics.fmean(p[i] for p in pairs) if pairs else math.nan for i in range(3)]
+    return means[0], means[1], means[2], len(pairs)
+
+
+def claim3(res: Results) -> dict[str, str]:
+    soft = res.all(lambda r: r.get("method") == "soft" and "gate_zero_frac" in r)
+    zero = statistics.fmean(r["gate_zero_frac"] for r in soft) if soft else math.nan
+    one = statistics.fmean(r["gate_one_frac"] for r in soft) if soft else math.nan
+    runs_zero = sum(r["gate_zero_frac"] > 0 for r in soft)
+    runs_one = sum(r["gate_one_frac"] > 0 for r in soft)
     exact = runs_zero > 0 and runs_one > 0
-    l0_matters = finite(d_open) and (d_open <= -0.01 or (finite(d_l0) and d_l0 <= -0.05))
+    d_l0, d_open, d_acc, n_pairs = _default_pairs(res)
+    runs = path_runs(res)
+    trivial = [r for r in runs if len(r["path"]) == 1]  # the dense fit keeps <= 1 per unit
+    falls = [
+        r for r in runs if r["path"][-1]["open_per_unit"] <= r["path"][0]["open_per_unit"] - 0.01
+    ]
+    reached = [r for r in runs if r["path_grid"].get("upper_reached")]
+    lowers = sorted(r["path_grid"]["lower"] for r in runs if (r["path_grid"].get("lower") or 0))
+    dense_at_default = sum(v >= DEFAULT_LAMBDA for v in lowers)
+
+    def mean_at(index: int, key: str) -> float:
+        vals = [r["path"][index].get(key) for r in runs]
+        vals = [v for v in vals if finite(v)]
+        return statistics.fmean(vals) if vals else math.nan
+
     nums = (
-        f"over {len(soft)} soft merges: {100 * zero:.1f}% of deterministic gates exactly 0 "
-        f"(in {runs_zero} runs), {100 * one:.1f}% exactly 1 (in {runs_one} runs). L0 term on "
-        f"(λ=1e-3) minus off (λ=0), soft (tensor), {len(pairs)} paired runs: expected L0 per "
-        f"unit {d_l0:+.3f}, open gates per unit {d_open:+.3f}, test acc {d_acc:+.2f} pt; "
-        f"exact zeros with λ=0 in {off_zero} of {len(off_runs)} runs"
+        f"L0 path of soft (tensor) in {len(runs)} S1, S3 and S5 runs (tables × seeds; dense "
+        "fit at λ = 0, then warm-started λ from the lower end, where nothing has closed, to the "
+        f"upper end, where every unit keeps at most one open gate): open gates per unit "
+        f"{mean_at(0, 'open_per_unit'):.2f} at λ = 0 -> {mean_at(-1, 'open_per_unit'):.2f} at "
+        f"the upper end (one candidate per unit reached in {len(reached)} of {len(runs)}; "
+        f"{len(trivial)} paths had nothing to close); exact zeros "
+        f"{100 * mean_at(0, 'zero_fraction'):.0f}% -> {100 * mean_at(-1, 'zero_fraction'):.0f}%"
+        f" of gates; test acc {mean_at(0, 'test_acc'):.2f} -> {mean_at(-1, 'test_acc'):.2f}. "
+        + (
+            f"Lower ends λ {lowers[0]:.3g} to {lowers[-1]:.3g} (median "
+            f"{statistics.median(lowers):.3g}): at the default λ = {DEFAULT_LAMBDA:g} nothing "
+            f"closes in {dense_at_default} of {len(lowers)} paths. "
+            if lowers
+            else ""
+        )
+        + f"Over {len(soft)} soft merges: {100 * zero:.1f}% of deterministic gates exactly 0 (in "
+        f"{runs_zero} runs), {100 * one:.1f}% exactly 1 (in {runs_one} runs). Default λ minus "
+        f"λ = 0, soft (tensor), {n_pairs} paired runs: expected L0 per unit {d_l0:+.3f}, open "
+        f"gates per unit {d_open:+.3f}, test acc {d_acc:+.2f} pt"
     )
-    if exact and l0_matters:
-        verdict = "held"
+    acts = bool(falls) and len(falls) + len(trivial) == len(runs)
+    if exact and acts and len(reached) == len(runs):
+        verdict = (
+            "held: along the L0 path the term closes gates, down to one candidate per unit in "
+            f"every S1, S3 and S5 path ({len(reached)} of {len(runs)}); the default λ is below "
+            f"the path's lower end in {dense_at_default} of {len(lowers)} paths (a dense merge), "
+            "so λ, or `l0_lambda: auto`, is what chooses the sparsity"
+        )
+    elif exact and falls:
+        verdict = (
+            f"held in part: raising λ closes gates on {len(falls)} of {len(runs)} L0 paths; one "
+            f"candidate per unit reached on {len(reached)}"
+        )
     elif exact:
         verdict = (
             "held only as a parameterisation: hard concrete gates do reach exactly 0 and 1, but "
-            "at the default λ the L0 term changes neither the open gates nor accuracy measurably"
-            + (" (exact zeros appear with λ=0 as well)" if off_zero else "")
+            "raising λ along the L0 path does not close gates"
         )
     else:
         verdict = "not held"
     return {
         "claim": "3. Gates follow the hard concrete distribution, a differentiable L0 surrogate",
-        "rule": "held if deterministic gates reach exactly 0 and exactly 1 in some runs and the "
-        "L0 term (λ>0 vs λ=0, same table and seed) lowers the open gates per unit by >= 0.01 or "
-        "the expected L0 by >= 0.05",
+        "rule": "held if deterministic gates reach exactly 0 and exactly 1 in some runs and, on "
+        "the L0 path of every S1, S3 and S5 table and seed (soft (tensor), λ from 0 up), raising "
+        "λ closes gates: the open gates per unit fall from their λ = 0 value to at most one per "
+        "unit at the path's upper end (paths whose dense fit already keeps one per unit count "
+        "as having nothing to close)",
         "numbers": nums,
         "verdict": verdict,
     }
@@ -823,6 +871,209 @@ def plot_multitask(res: Results, path: Path) -> None:
 # The page
 
 
+def _first_seed(recs: list[dict]) -> dict | None:
+    recs = [r for r in recs if r.get("path")]
+    return min(recs, key=lambda r: r["seed"]) if recs else None
+
+
+def auto_vs_default(res: Results) -> tuple[str, list[str]]:
+    """Every table with both rows: the default λ's soft (tensor) against λ auto (same seeds);
+    and the summary lines (within the tolerance of the default's test loss; sparser)."""
+    choices = res.all(lambda r: r["row"] == AUTO and "l0_choice" in r)
+    tol = choices[0]["l0_choice"]["tolerance"] if choices else 0.01
+    header = [
+        "table",
+        "λ auto (per seed)",
+        "used/unit default",
+        "used/unit auto",
+        "test acc default",
+        "test acc auto",
+        "Δ acc (pt)",
+        "Δ test loss",
+        f"within {100 * tol:g} %",
+        "sparser",
+    ]
+    rows, verdicts = [], []
+    for (s, c), table in res.tables.items():
+        default = {r["seed"]: r for r in table.get(HEADLINE, []) if "test_acc" in r}
+        pairs = [(default[r["seed"]], r) for r in table.get(AUTO, []) if r["seed"] in default]
+        pairs = [(d, a) for d, a in pairs if "test_acc" in a and "used_per_unit" in d]
+        if not pairs:
+            continue
+        acc_d = statistics.fmean(d["test_acc"] for d, _ in pairs)
+        acc_a = statistics.fmean(a["test_acc"] for _, a in pairs)
+        used_d = statistics.fmean(d["used_per_unit"] for d, _ in pairs)
+        used_a = statistics.fmean(a["used_per_unit"] for _, a in pairs)
+        ratios = [a["test_loss"] / d["test_loss"] - 1 for d, a in pairs if d["test_loss"] > 0]
+        within = sum(a["test_loss"] <= d["test_loss"] * (1 + tol) for d, a in pairs)
+        sparser = used_a < used_d - 0.01
+        rows.append(
+            [
+                f"{s} {c}",
+                "/".join(f"{a['lambda']:.3g}" for _, a in pairs),
+                f"{used_d:.2f}",
+                f"{used_a:.2f}",
+                f"{acc_d:.2f}",
+                f"{acc_a:.2f}",
+                f"{acc_a - acc_d:+.2f}",
+                f"{100 * statistics.fmean(ratios):+.1f}%" if ratios else "—",
+                f"{within}/{len(pairs)} seeds",
+                "yes" if sparser else "no",
+            ]
+        )
+        verdicts.append((s, within == len(pairs), sparser, acc_a - acc_d))
+    lines = []
+    for label, keep in (
+        ("S1, S3 and S5", lambda v: v[0] in PATH_SETTINGS),
+        ("all", lambda v: True),
+    ):
+        sel = [v for v in verdicts if keep(v)]
+        if not sel:
+            continue
+        lines.append(
+            f"{label} tables: λ auto's test loss within {100 * tol:g} % of the default λ's on "
+            f"every seed in {sum(v[1] for v in sel)} of {len(sel)}; sparser (fewer candidates "
+            f"used per unit) in {sum(v[2] for v in sel)}; accuracy auto − default "
+            f"{statistics.fmean(v[3] for v in sel):+.2f} pt on average, "
+            f"{min(v[3] for v in sel):+.2f} at worst"
+        )
+    table = md_table(header, rows, "ll" + "r" * (len(header) - 2)) if rows else ""
+    return table, lines
+
+
+def path_table(rec: dict) -> str:
+    """One run's L0 path: per λ the open gates, exact zeros, held-out loss, test accuracy."""
+    chosen = (rec.get("l0_choice") or {}).get("index")
+    everyone = {n for p in rec["path"] for n in p.get("open_candidates", [])}
+    rows = []
+    for k, p in enumerate(rec["path"]):
+        open_names = p.get("open_candidates", [])
+        rows.append(
+            [
+                f"{p['lambda']:.3g}" + (" ← auto" if k == chosen else ""),
+                f"{p['open_per_unit']:.2f}",
+                f"{p['used_per_unit']:.2f}",
+                f"{100 * p['zero_fraction']:.0f}",
+                fmt(p.get("held_out_loss"), 4),
+                fmt(p.get("test_acc"), 2),
+                "all" if set(open_names) >= everyone else ", ".join(open_names) or "none",
+            ]
+        )
+    return md_table(
+        [
+            "λ",
+            "open gates/unit",
+            "used/unit",
+            "exact zeros (%)",
+            "held-out loss",
+            "test acc (%)",
+            "open candidates",
+        ],
+        rows,
+        "lrrrrrl",
+    )
+
+
+def path_section(res: Results) -> list[str]:
+    runs = path_runs(res, tuple(SETTING_TITLES))
+    if not runs:
+        return []
+    cost = [r["path_cost"]["steps_ratio"] for r in runs if r.get("path_cost")]
+    table, lines = auto_vs_default(res)
+    out = [
+        "## The L0 path and λ chosen on held-out data (claim 3)",
+        "",
+        "`fit.l0_lambda: auto` (row *soft (tensor), λ auto*) holds a fifth of the merge split "
+        "out, trains tensor gates along the L0 path on the rest (`softmerge.path`: a dense fit "
+        "at λ = 0 of the usual steps; coarse warm-started stages from λ = 1e-3 up by ×10 until a "
+        "gate closes; then from the last λ where nothing closed, λ × 10^(1/8) per stage, each "
+        "warm-started from the previous one, until every unit keeps at most one open gate; a "
+        "stage is a tenth of the steps; at most 2.5× the steps in all) and keeps the sparsest "
+        "point whose held-out loss is within the tolerance (1 %) of the path's best, among the "
+        "points whose learning loss is within 1 % of the path's best learning loss. "
+        f"The paths took {statistics.fmean(cost):.2f}× the steps of one merge on average "
+        f"(at most {max(cost):.2f}×)."
+        if cost
+        else "",
+        "",
+        "*used/unit*: candidates a unit's merge uses (an all-closed convex unit is the "
+        "reference candidate's: one). *Δ test loss*: auto relative to the default λ's own "
+        "merge (the default learns on the whole merge split, auto on four fifths of it).",
+        "",
+        table,
+        "",
+        *[f"- {x}" for x in lines],
+        "",
+        "![L0 path](results/l0_path.png)",
+        "",
+        f"Each path below is the first seed's; ← auto marks the chosen λ, and the default λ = "
+        f"{DEFAULT_LAMBDA:g} (a separate fit) is given under each table.",
+        "",
+    ]
+    for s in PATH_SETTINGS:
+        for c in res.configs(s):
+            rec = _first_seed(res.rows(s, c).get(AUTO, []))
+            if rec is None:
+                continue
+            out += [f"### L0 path: {s} {c} (seed {rec['seed']})", "", path_table(rec), ""]
+            default = [r for r in res.rows(s, c).get(HEADLINE, []) if r["seed"] == rec["seed"]]
+            if default and "test_acc" in default[0]:
+                d = default[0]
+                out += [
+                    f"Default λ: {d['gate_open_per_unit']:.2f} open gates per unit, exact zeros "
+                    f"{100 * d['gate_zero_frac']:.0f}%, test acc {d['test_acc']:.2f}%. "
+                    + "Importance (closing λ): "
+                    + ", ".join(
+                        f"{i['candidate']} "
+                        + ("never" if i["close_lambda"] is None else f"{i['close_lambda']:.3g}")
+                        for i in rec.get("importance", [])
+                    ),
+                    "",
+                ]
+    return out
+
+
+def plot_l0_path(res: Results, path: Path) -> bool:
+    """Test accuracy against open gates per unit along each first-seed path (S1, S3, S5); a
+    star for the default λ's merge, a ring for the λ chosen on held-out data."""
+    settings = [
+        s
+        for s in PATH_SETTINGS
+        if any(_first_seed(res.rows(s, c).get(AUTO, [])) for c in res.configs(s))
+    ]
+    if not settings:
+        return False
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(settings), figsize=(5.2 * len(settings), 4.4), squeeze=False)
+    for ax, s in zip(axes[0], settings, strict=True):
+        for c in res.configs(s):
+            rec = _first_seed(res.rows(s, c).get(AUTO, []))
+            if rec is None:
+                continue
+            xs = [p["open_per_unit"] for p in rec["path"]]
+            ys = [p.get("test_acc") if finite(p.get("test_acc")) else math.nan for p in rec["path"]]
+            (line,) = ax.plot(xs, ys, marker="o", ms=3, lw=1, label=c)
+            k = rec["l0_choice"]["index"]
+            ax.plot([xs[k]], [ys[k]], "o", ms=9, mfc="none", color=line.get_color())
+            d = [r for r in res.rows(s, c).get(HEADLINE, []) if r["seed"] == rec["seed"]]
+            if d and finite(d[0].get("test_acc")):
+                ax.plot(
+                    [d[0]["gate_open_per_unit"]],
+                    [d[0]["test_acc"]],
+                    "*",
+                    ms=10,
+                    color=line.get_color(),
+                )
+        ax.set_xlabel("open gates per unit")
+        ax.set_ylabel("test accuracy (%)")
+        ax.set_title(f"{s}: L0 path (ring: λ auto, star: default λ)", fontsize=9)
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def where_soft_loses(res: Results) -> list[str]:
     """Tables where some single-model merge beats soft (tensor) by more than one std of both
     (rows merged after alignment are compared with soft (tensor) after alignment)."""
@@ -1153,6 +1404,8 @@ def write_page(res: Results, docs: Path) -> Path:
         figs.append(("s5_multitask.png", "S5 multi-task accuracy"))
     plot_cost(res, figdir / "cost.png")
     figs.append(("cost.png", "cost"))
+    if plot_l0_path(res, figdir / "l0_path.png"):
+        figs.append(("l0_path.png", "L0 path"))
 
     sc = meta["scale"]
     minutes = meta["seconds"] / 60
@@ -1198,6 +1451,7 @@ def write_page(res: Results, docs: Path) -> Path:
             "",
         ]
         lines += [f"- {x}" for x in targets]
+    lines += ["", *path_section(res)]
     lines += [
         "",
         "## The matrix",

@@ -65,6 +65,7 @@ State = dict[str, torch.Tensor]
 GRANULARITIES = ("model", "module", "tensor", "channel")
 SETTINGS = ("S1", "S2", "S3", "S4", "S5")
 SETTLE_TOL = 0.01  # gates "settled": no later recorded value moves more than this (max-abs)
+AUTO_ROW = "soft (tensor), λ auto"  # fit.l0_lambda: auto (the L0 path, issue 14)
 
 log = logging.getLogger("bench")
 
@@ -166,6 +167,9 @@ def core_specs(scale: Scale, *, parent: bool, delta: bool = False) -> list[Spec]
                 group="soft",
             )
         )
+    # λ chosen along the L0 path on a held-out fifth of the merge split (softmerge.path); the
+    # path itself (open gates, exact zeros, test accuracy per λ) is recorded with the row.
+    specs.append(Spec(AUTO_ROW, "soft", dict(soft, l0_lambda="auto"), base=delta, group="soft"))
     specs.append(
         Spec(
             "soft (tensor), L0 off (lambda=0)",
@@ -497,6 +501,8 @@ class Table:
             rec["kept"] = info.get("kept")
         if spec.method == "soft":
             rec.update(self._soft_info(info, before))
+        if "path" in info:
+            rec.update(self._path_info(info, ctx))
         if self.malicious:
             rec["malicious_weight"] = self._malicious_weight(spec, rec)
         if self.plan_kw:
@@ -526,6 +532,10 @@ class Table:
             "gate_zero_frac": float((g == 0).float().mean()),
             "gate_one_frac": float((g == 1).float().mean()),
             "gate_open_per_unit": float((gates > 0).float().sum(0).mean()),
+            # candidates a unit's merge uses: a convex unit with every gate closed uses one
+            "used_per_unit": float(
+                ((gates > 0).sum(0).clamp_min(0 if merger.delta else 1)).float().mean()
+            ),
             "expected_l0": merger.expected_l0(),
             "gates_max": dict(zip(names, gates.max(1).values.tolist(), strict=True)),
             "gates_mean": dict(zip(names, gates.mean(1).tolist(), strict=True)),
@@ -540,6 +550,34 @@ class Table:
             "open": [n for n, v in zip(names, gates.max(1).values.tolist(), strict=True) if v > 0],
             "reference": fit.reference,
             **learned_scale(merger),
+        }
+
+    def _path_info(self, info: dict[str, Any], ctx: MergeContext) -> dict[str, Any]:
+        """The L0 path behind an auto-λ row: per λ the open gates, exact zeros and the test
+        scores of that point's merge; the choice and the candidates' importance."""
+        from softmerge.path import evaluate_points
+
+        merger, path = info["merger"], info["path"]
+        recalibrate = ctx.merge_loader if ctx.template is not None else None
+        evaluate_points(merger, path, self.test, recalibrate, prefix="test")
+        points = []
+        for p in path.points:
+            point = {
+                k: v for k, v in p.to_dict().items() if k not in ("open_units", "learn", "held_out")
+            }
+            point["test_acc"] = point.pop("test_accuracy")  # the name the tables use
+            point["open_candidates"] = [n for n, c in p.open_units.items() if c > 0]
+            point["held_out_loss"] = (p.held_out or {}).get("loss")
+            point["learn_loss"] = p.learn.get("loss")
+            points.append(point)
+        return {
+            "lambda": path.choice["lambda"],
+            "path": points,
+            "path_grid": path.grid,
+            "path_cost": path.cost,
+            "l0_choice": path.choice,
+            "importance": path.importance,
+            "used_per_unit": path.chosen.used_per_unit,
         }
 
     def _malicious_weight(self, spec: Spec, rec: dict[str, Any]) -> float | None:

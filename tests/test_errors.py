@@ -720,6 +720,20 @@ CASES = [
         ["{dir}/merge.yaml", "fit.l0_lambda", "-1.0"],
     ),
     Case(
+        "lambda-word",
+        "A word where λ is a number or 'auto'",
+        "`fit: {l0_lambda: automatic}`",
+        _config(setting("fit", l0_lambda="automatic")),
+        ["{dir}/merge.yaml", "fit.l0_lambda", "'automatic'"],
+    ),
+    Case(
+        "auto-lambda-checkpointed",
+        "λ chosen on held-out data, with checkpoints",
+        "`fit: {l0_lambda: auto, checkpoint_every: 10}`",
+        _config(setting("fit", l0_lambda="auto", checkpoint_every=10)),
+        ["{dir}/merge.yaml", "fit.l0_lambda", "not checkpointed"],
+    ),
+    Case(
         "infinite-lr",
         "A non-finite number",
         "`fit: {lr: .inf}`",

@@ -1,8 +1,11 @@
-"""The ``softmerge`` command: ``merge`` and ``compare`` a YAML config, ``inspect`` checkpoints,
-list ``methods``, run the ``demo``. A thin layer over :mod:`softmerge.pipeline`.
+"""The ``softmerge`` command: ``merge`` and ``compare`` a YAML config, follow its L0 ``path``,
+``inspect`` checkpoints, list ``methods``, run the ``demo``. A thin layer over
+:mod:`softmerge.pipeline`.
 
 Every :class:`SoftmergeError` becomes one line on stderr (``softmerge: error: ...``) and exit
-code 2. Command-line options are overrides of the config (``--steps N`` is ``--set
+code 2. ``softmerge merge`` also runs under torchrun (``torchrun --nproc-per-node K -m softmerge
+merge cfg.yaml``, or ``softmerge merge --nproc-per-node K``, which launches torchrun): see
+:mod:`softmerge.launch`. Command-line options are overrides of the config (``--steps N`` is ``--set
 fit.steps=N``), checked by the same schema. Outputs go into a hidden staging folder that is
 moved into place only once every file is complete, so a failed or interrupted run leaves the
 output folder as it was.
@@ -16,7 +19,7 @@ import logging
 import sys
 from pathlib import Path
 
-from . import __version__
+from . import __version__, distributed, launch
 from .candidates import format_inspect, inspect_candidates, load_candidates
 from .checkpoint import checkpoint_path, remove_checkpoint
 from .config import MergeConfig, load_config
@@ -24,7 +27,7 @@ from .context import CheckpointSpec
 from .errors import ConfigError, OutputError, SoftmergeError
 from .io import check_output_dir, writable_problem
 from .methods import METHOD_NAMES, REGISTRY
-from .pipeline import run_compare, run_key, run_merge
+from .pipeline import run_compare, run_key, run_merge, run_path
 
 log = logging.getLogger("softmerge")
 
@@ -61,6 +64,8 @@ def output_dir(cfg: MergeConfig, args: argparse.Namespace) -> Path:
     else:
         out, label = cfg.output.dir, f"{cfg.source}: output.dir"
     check_output_dir(out, cfg.input_paths(), label)
+    if not distributed.is_writer():
+        return out  # only process 0 writes (and its machine may be the only one with the folder)
     problem = writable_problem(out.parent) or (writable_problem(out) if out.is_dir() else None)
     if problem:
         raise OutputError(f"{label}: cannot write the output folder {out}: {problem}")
@@ -72,7 +77,16 @@ def output_dir(cfg: MergeConfig, args: argparse.Namespace) -> Path:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    cfg = _config(args)
+    if args.nproc_per_node is not None and args.nproc_per_node > 1:
+        return launch.relaunch_under_torchrun(args.argv, args.nproc_per_node)
+    if distributed.launched_by_torchrun():
+        with launch.process_group(lambda: _config(args)) as overrides:
+            return _merge(args, overrides)
+    return _merge(args, [])
+
+
+def _merge(args: argparse.Namespace, extra: list[str]) -> int:
+    cfg = load_config(args.config, [*overrides_of(args), *extra])
     out = output_dir(cfg, args)
     progress = cfg.fit.progress
     if cfg.method != "soft":
@@ -81,14 +95,20 @@ def cmd_merge(args: argparse.Namespace) -> int:
         run_merge(cfg, out, progress=progress)
         return 0
     ckpt = checkpoint_path(out)
-    if args.resume and not ckpt.is_file():
+    writer = distributed.is_writer()  # only its machine needs the checkpoint file
+    if writer and args.resume and not ckpt.is_file():
         raise ConfigError(
             f"--resume: no checkpoint of an interrupted run at {ckpt} (one is written every "
             "fit.checkpoint_every steps, or --checkpoint-every K)"
         )
-    if ckpt.is_file() and not args.resume:
+    if writer and ckpt.is_file() and not args.resume:
         log.warning("%s: starting over; pass --resume to continue that interrupted run", ckpt)
     checkpointing = bool(cfg.fit.checkpoint_every or args.resume)
+    if checkpointing and cfg.build_method("soft", cfg.params).params.l0_lambda == "auto":
+        raise ConfigError(
+            f"{cfg.source}: fit.l0_lambda: 'auto' runs the L0 path, which is not checkpointed; "
+            "drop fit.checkpoint_every and --resume, or give l0_lambda a number"
+        )
     spec = None
     if checkpointing:
         # Kept until the outputs are written, so a crash while writing can still resume.
@@ -96,18 +116,27 @@ def cmd_merge(args: argparse.Namespace) -> int:
     try:
         run_merge(cfg, out, progress=progress, checkpoint=spec)
     except KeyboardInterrupt:
-        if checkpointing and ckpt.is_file():
+        if writer and checkpointing and ckpt.is_file():
             log.warning("training state kept in %s: add --resume to continue", ckpt)
         raise
-    remove_checkpoint(ckpt)
+    if writer:
+        remove_checkpoint(ckpt)
     return 0
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
+    launch.refuse_several_processes("softmerge compare")
     cfg = _config(args)
     out = output_dir(cfg, args)
     only = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
     run_compare(cfg, out, progress=cfg.fit.progress, only=only)
+    return 0
+
+
+def cmd_path(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    out = output_dir(cfg, args)
+    run_path(cfg, out, progress=cfg.fit.progress)
     return 0
 
 
@@ -136,6 +165,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    launch.refuse_several_processes("softmerge demo")
     # imported here: the demos' training code is not needed elsewhere
     if args.task == "lm":
         from .demo_lm import run_lm_demo as run_demo
@@ -243,6 +273,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="continue the gate training of an interrupted run from its checkpoint "
         "(.<output folder>.checkpoint.pt beside the output folder)",
     )
+    merge.add_argument(
+        "--nproc-per-node",
+        type=_positive_int,
+        metavar="K",
+        help="train the gates on K processes of this machine, data-parallel: relaunches this "
+        "command under torchrun (gloo on CPU; nccl, one GPU each, with --device cuda)",
+    )
     merge.set_defaults(handler=cmd_merge)
 
     comp = sub.add_parser(
@@ -266,6 +303,32 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--no-progress", action="store_true", help="hide progress bars")
     _add_overrides(comp)
     comp.set_defaults(handler=cmd_compare)
+
+    path = sub.add_parser(
+        "path",
+        parents=[common],
+        help="the L0 path: how many candidates a merge needs, and which matter most",
+        description="Train the gates of CONFIG.yaml's soft merge over a λ grid (found from "
+        "'nothing closes' to 'one candidate per unit'), each λ warm-started from the previous "
+        "one; write path.json, path.png and path.md into the output folder, and print the "
+        "table, the λ chosen on held-out data and the candidates' importance.",
+    )
+    path.add_argument("config", type=Path, metavar="CONFIG.yaml")
+    path.add_argument(
+        "--out", type=Path, metavar="DIR", help="output folder (overrides output.dir)"
+    )
+    path.add_argument(
+        "--steps",
+        type=_positive_int,
+        metavar="N",
+        help="steps of the first (dense) fit; each later λ gets N/10 (overrides fit.steps)",
+    )
+    path.add_argument(
+        "--seed", type=int, metavar="S", help="seed of the gate noise and of the data order"
+    )
+    path.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    _add_overrides(path)
+    path.set_defaults(handler=cmd_path)
 
     methods = sub.add_parser(
         "methods",
@@ -323,7 +386,10 @@ def _setup_logging(quiet: bool) -> None:
     handler = logging.StreamHandler()
     handler.setFormatter(_Formatter())
     logging.basicConfig(handlers=[handler])  # a no-op when the host already configured logging
-    logging.getLogger("softmerge").setLevel(logging.WARNING if quiet else logging.INFO)
+    level = logging.WARNING if quiet else logging.INFO
+    if not distributed.is_writer():  # under torchrun, process 0 alone reports progress
+        level = logging.ERROR
+    logging.getLogger("softmerge").setLevel(level)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -332,11 +398,12 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as exc:  # --help, --version and usage errors
         return exc.code if isinstance(exc.code, int) else int(exc.code is not None)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # to relaunch under torchrun
     _setup_logging(_quiet(args))
     try:
         return int(args.handler(args))
     except SoftmergeError as exc:
-        print(f"softmerge: error: {exc}", file=sys.stderr)
+        print(f"softmerge: error: {launch.who()}{exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("\nsoftmerge: interrupted", file=sys.stderr)

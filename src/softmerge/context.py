@@ -31,6 +31,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from . import distributed
 from .batches import first_batches, logits_of, split_on, untouched_order
 from .candidates import (
     Candidate,
@@ -103,6 +104,7 @@ class MergeContext:
     objective: Any = "auto"
     device: Any = None
     storage_dtype: Any = None
+    shard_stack: bool = False  # in a distributed run, each process holds 1/K of the stack
     rank_batches: int = 4
     val_loader: Iterable[Any] | None = None  # scored during a fit (history), never trained on
     checkpoint: CheckpointSpec | None = None
@@ -252,15 +254,23 @@ class MergeContext:
             model = self.require_model("ranking candidates")
             loader = self.require_data("rest_from: best")
             batches = untouched_order(loader, lambda: first_batches(loader, self.rank_batches))
+            # Distributed: each process sums the losses of its own batches; the sums are added
+            # up across processes, so every process ranks the candidates alike.
+            mine = list(distributed.my_batches(batches))
+            sums = [self._summed_loss(model, c, mine) if c.is_finite else 0.0 for c in self.pool]
+            totals = distributed.sum_across(sums)
             self._solo = {
-                c.name: self._mean_loss(model, c, batches) if c.is_finite else math.inf
-                for c in self.pool
+                c.name: total / len(batches) if c.is_finite else math.inf
+                for c, total in zip(self.pool, totals, strict=True)
             }
             release_memory()  # each candidate was read whole once: give that memory back
         return self._solo
 
     @torch.no_grad()
-    def _mean_loss(self, model: nn.Module, cand: Candidate, batches: list[Any]) -> float:
+    def _summed_loss(self, model: nn.Module, cand: Candidate, batches: list[Any]) -> float:
+        """The sum over ``batches`` of each batch's mean loss of ``cand`` alone."""
+        if not batches:
+            return 0.0
         state = self.model_state(cand.state)
         model.eval()
         total = 0.0
@@ -269,7 +279,7 @@ class MergeContext:
             logits = logits_of(functional_call(model, state, b.args, b.kwargs))
             total += float(self.objective_fn.loss(logits, b))
         cand.close()
-        return total / len(batches)
+        return total
 
     @property
     def reference(self) -> int:
@@ -376,7 +386,13 @@ class MergeContext:
         if self._stack is None or self._stack[0] != deltas:
             self._stack = None  # free the old buffers before filling new ones
             base = self.require_base("task vectors") if deltas else None
-            stack = CandidateStack(
+            kind = CandidateStack
+            # LoRA adapters stack their small factors, never sharded (their rows are not rows
+            # of the merged weight).
+            adapters = all(c.is_adapter for c in self.pool)
+            if self.shard_stack and distributed.is_distributed() and not adapters:
+                from .sharded import ShardedStack as kind  # type: ignore[assignment]
+            stack = kind(
                 self.pool,
                 self.merged_names,
                 active=self.active,
@@ -391,9 +407,12 @@ class MergeContext:
     def release_stack(self) -> None:
         self._stack = None
 
-    def configure(self, device: Any = None, storage_dtype: Any = None) -> None:
-        """Move the merge to another device or stack dtype (a method's own setting); a stack
-        already built for other settings is dropped."""
+    def configure(
+        self, device: Any = None, storage_dtype: Any = None, shard_stack: bool | None = None
+    ) -> None:
+        """Move the merge to another device or stack dtype, or shard its stack across the
+        processes (a method's own settings); a stack already built for other settings is
+        dropped."""
         device, dtype = parse_device(device), parse_dtype(storage_dtype)
         if (device is not None and device != self.device) or (
             dtype is not None and dtype != self.storage_dtype
@@ -401,6 +420,8 @@ class MergeContext:
             self.device = device or self.device
             self.storage_dtype = dtype or self.storage_dtype
             self._stack, self._rest = None, None
+        if shard_stack is not None and shard_stack != self.shard_stack:
+            self.shard_stack, self._stack = shard_stack, None
 
     def model_dtypes(self) -> dict[str, torch.dtype]:
         model = self.require_model("a model state")

@@ -25,3 +25,7 @@ class DataError(SoftmergeError):
 
 class OutputError(SoftmergeError):
     """An output file or folder cannot be written (no permission, disk full...)."""
+
+
+class DistributedError(SoftmergeError):
+    """Another process of a distributed run failed, was killed or stopped answering."""

@@ -23,10 +23,10 @@ import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import Annotated, Any, Literal, Protocol
 
 import torch
-from pydantic import Field, field_validator
+from pydantic import BeforeValidator, Field, field_validator
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -39,6 +39,25 @@ from .stack import parse_device, parse_dtype
 MAX_LR = 1e6  # a larger gate learning rate is a typo (and overflows float32 in the optimiser)
 
 
+def _lambda_or_auto(value: Any) -> Any:
+    """A number >= 0 or the word "auto" (checked here, so the message names no union branch)."""
+    if isinstance(value, str):
+        if value != "auto":
+            raise ValueError(f"expected a number >= 0 or 'auto', got {value!r}")
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not math.isfinite(value):
+            raise ValueError(f"expected a finite number, got {value!r}")
+        if value < 0:
+            raise ValueError(f"must be >= 0, got {value!r}")
+        return float(value)
+    raise ValueError(f"expected a number >= 0 or 'auto', got {value!r}")
+
+
+# Annotated: the check travels with the type (soft merging's method parameters copy it).
+Lambda = Annotated[float | Literal["auto"], BeforeValidator(_lambda_or_auto)]
+
+
 class FitConfig(Settings):
     """How the gates are learned. Defaults are the ones `docs/method.md` argues for."""
 
@@ -46,7 +65,10 @@ class FitConfig(Settings):
     epochs: float | None = Field(None, gt=0, allow_inf_nan=False)  # passes over the merge set
     lr: float = Field(0.1, gt=0, le=MAX_LR, allow_inf_nan=False)  # learning rate of the gates
     optimizer: Literal["sgd", "adam"] = "sgd"  # SGD has momentum 0.9; see docs/method.md
-    l0_lambda: float = Field(1e-3, ge=0, allow_inf_nan=False)  # weight of the expected L0
+    # Weight of the expected L0 term, or "auto": chosen along the L0 path (softmerge.path) as
+    # the sparsest merge whose held-out loss is within l0_tolerance (relative) of the best.
+    l0_lambda: Lambda = 1e-3
+    l0_tolerance: float = Field(0.01, ge=0, allow_inf_nan=False)
     init_gate: float = Field(0.5, gt=0, lt=1)  # every gate starts here: uniform-soup start
     seed: int = Field(0, ge=0, lt=2**64)  # the gate noise (the loader's order is its own)
     # "auto" (follows the model), "classification" ("cross_entropy"), "causal_lm",
@@ -63,6 +85,9 @@ class FitConfig(Settings):
     checkpoint_every: int = Field(0, ge=0)  # save the training state every K steps (0: never)
     device: str | None = None  # where the stack and gates live (default: the model's device)
     storage_dtype: str | None = None  # dtype of the stack (default: the candidates' own)
+    # Under torchrun: each process holds 1/K of the stack and only merged tensors travel
+    # (docs/scaling.md); without a process group it changes nothing.
+    shard_stack: bool = False
 
     @field_validator("objective", mode="before")
     @classmethod
@@ -247,11 +272,9 @@ class FitLoop:
 
 
 def _all_true(flag: torch.Tensor) -> torch.Tensor:
-    import torch.distributed as dist
+    from .distributed import all_true
 
-    value = flag.to(torch.int32).reshape(1)
-    dist.all_reduce(value, op=dist.ReduceOp.MIN)
-    return value[0] > 0
+    return all_true(flag)
 
 
 # ---------------------------------------------------------------------------------------------

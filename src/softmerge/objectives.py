@@ -63,6 +63,12 @@ class Objective:
         weight = float(max(batch.size, 1))
         return Totals(float(self.loss(logits, batch)) * weight, weight)
 
+    def weight(self, logits: torch.Tensor, batch: SplitBatch) -> float:
+        """How many terms ``loss`` averages over: the batch's loss is a mean, and a mean over
+        several shares is their means weighted by this (what a distributed run reduces with).
+        Samples by default (a callable objective is taken to average over samples)."""
+        return float(logits.shape[0]) if logits.dim() else float(batch.size)
+
     def metrics(self, totals: Totals) -> dict[str, float]:
         mean = totals.loss / totals.weight if totals.weight else math.nan
         out = {"loss": mean}
@@ -150,6 +156,10 @@ class CausalLM(Objective):
         total, count = self._summed(logits, batch)
         return total / count
 
+    def weight(self, logits: torch.Tensor, batch: SplitBatch) -> float:
+        """Predicted tokens (the loss is a mean over tokens, not sequences)."""
+        return float(int((self._targets(logits, batch) != IGNORE_INDEX).sum()))
+
     def totals(self, logits: torch.Tensor, batch: SplitBatch) -> Totals:
         total, count = self._summed(logits, batch)
         return Totals(float(total), float(count))
@@ -168,6 +178,13 @@ class Entropy(Objective):
             keep = mask.to(per_position.dtype)
             return (per_position * keep).sum() / keep.sum().clamp_min(1.0)
         return per_position.mean()
+
+    def weight(self, logits: torch.Tensor, batch: SplitBatch) -> float:
+        """Positions averaged over: unmasked tokens of a language model, else every position."""
+        mask = batch.attention_mask
+        if logits.dim() == 3 and mask is not None and mask.shape == logits.shape[:2]:
+            return float(mask.sum())
+        return float(logits[..., 0].numel())
 
 
 class CallableObjective(Objective):

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from . import __version__
+from . import __version__, distributed
 from .batches import logits_of, split_batch
 from .compare import (
     Comparison,
@@ -291,20 +291,25 @@ def run_merge(
             "has no single merged state dict; compare it with softmerge compare instead"
         )
     run = prepare_run(cfg, progress=progress)
+    distributed.prepare_writer_wait()
     ctx = run.context(checkpoint if cfg.method == "soft" else None)
     log.info("merging %d candidates with %s", len(ctx.pool), method)
     outcome = method.merge(ctx)
-    rows = merge_rows(run, ctx, method, outcome)
-    summary = merge_summary(cfg, run, ctx, method, outcome, rows, out)
-    with staged_output(out) as stage:
-        files = write_outcome(stage, ctx, method, outcome, cfg)
-        if ctx.pool[0].hf_folder is not None:  # a Hugging Face folder gets its model card
-            write_text(stage / "README.md", card_of(summary))
-            files.append("README.md")
-        summary["seconds"]["total"] = round(time.perf_counter() - start, 3)
-        summary["files"] = [*files, "summary.json", "summary.md"]
-        write_json(stage / "summary.json", summary)
-        write_text(stage / "summary.md", summary_markdown(summary))
+    if not distributed.is_writer():
+        distributed.wait_for_writer()  # rank 0 evaluates and writes; the others wait for it
+        return {}
+    with distributed.writing():
+        rows = merge_rows(run, ctx, method, outcome)
+        summary = merge_summary(cfg, run, ctx, method, outcome, rows, out)
+        with staged_output(out) as stage:
+            files = write_outcome(stage, ctx, method, outcome, cfg)
+            if ctx.pool[0].hf_folder is not None:  # a Hugging Face folder gets its model card
+                write_text(stage / "README.md", card_of(summary))
+                files.append("README.md")
+            summary["seconds"]["total"] = round(time.perf_counter() - start, 3)
+            summary["files"] = [*files, "summary.json", "summary.md"]
+            write_json(stage / "summary.json", summary)
+            write_text(stage / "summary.md", summary_markdown(summary))
     print_merge_report(summary, out)
     return summary
 
@@ -415,6 +420,7 @@ def merge_summary(
         "info": plain_info(outcome.info),
         "seconds": {"merge": round(outcome.seconds, 3)},
         "threads": torch.get_num_threads(),
+        "processes": distributed.world_size(),
     }
     if ctx.alignment is not None:  # plan.align: permutations, cost before / after
         summary["alignment"] = ctx.alignment.to_dict()
@@ -450,6 +456,7 @@ def summary_markdown(summary: dict[str, Any]) -> str:
         lines += [table_markdown(summary["results"], key="model"), ""]
     else:
         lines += [f"Evaluation {summary['evaluation']}.", ""]
+    lines += _path_lines(summary.get("info", {}))
     if summary.get("gates"):
         gate_rows = [{"candidate": name, **row} for name, row in summary["gates"].items()]
         lines += ["## Gates per candidate", "", format_markdown_table(gate_rows, floatfmt=".3f")]
@@ -472,7 +479,29 @@ def alignment_lines(alignment: dict[str, Any] | None) -> list[str]:
     return lines
 
 
+def _path_lines(info: dict[str, Any]) -> list[str]:
+    """The λ chosen along the L0 path and the candidates' importance (l0_lambda: auto)."""
+    if "l0_choice" not in info:
+        return []
+    from .path import choice_text, importance_text
+
+    return [
+        "## λ chosen on held-out data (fit.l0_lambda: auto)",
+        "",
+        choice_text(info["l0_choice"]) + f"; held-out data: {info['l0_choice'].get('held_out')}",
+        "",
+        "Candidate importance (the λ at which its gates close along the L0 path):",
+        "",
+        "```",
+        importance_text({"importance": info.get("importance", [])}),
+        "```",
+        "",
+    ]
+
+
 def print_merge_report(summary: dict[str, Any], out: Path) -> None:
+    for line in _path_lines(summary.get("info", {}))[2:3]:
+        print(line)
     if summary["results"]:
         cols = [
             c
@@ -561,3 +590,30 @@ def run_key(cfg: MergeConfig) -> str:
         sort_keys=True,
         default=str,
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# softmerge path
+
+
+def run_path(cfg: MergeConfig, out: Path, *, progress: bool) -> dict[str, Any]:
+    """The L0 path of the config's soft merge (:mod:`softmerge.path`): path.json, path.png and
+    path.md staged into ``out``; the table and the importance order printed."""
+    from .path import choice_text, importance_text, merge_path, table_rows, write_path_outputs
+
+    if cfg.method != "soft":
+        raise ConfigError(
+            f"{cfg.source}: method: softmerge path follows soft merging's gates; "
+            f"{cfg.method!r} has none"
+        )
+    run = prepare_run(cfg, progress=progress)
+    ctx = run.context()
+    fit = cfg.build_method("soft", cfg.params).fit_config(ctx)  # type: ignore[attr-defined]
+    _, path = merge_path(ctx, fit, eval_loader=run.eval)
+    with staged_output(out) as stage:
+        files = write_path_outputs(stage, path)
+    print(format_table(table_rows(path), floatfmt=".4g"))
+    print("\n" + choice_text(path.choice))
+    print("\ncandidate importance (most important first):\n" + importance_text(path))
+    print(f"\n{', '.join(p.name for p in files.values())} in {out}")
+    return path.to_dict()

@@ -27,16 +27,17 @@ import os
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 from torch.func import functional_call
 
+from . import distributed
 from . import gates as hc
-from .batches import Batch, cycle_batches, logits_of, split_on
+from .batches import Batch, cycle_batches, first_batches, logits_of, split_on, untouched_order
 from .candidates import Candidate
-from .checkpoint import Checkpointer, fingerprint, load_checkpoint, remove_checkpoint, restore
+from .checkpoint import Checkpointer, fingerprint, remove_checkpoint, restore
 from .context import MergeContext
 from .errors import CandidateError, ConfigError, PlanError
 from .evaluation import has_batchnorm, model_with_state, recalibrate_batchnorm
@@ -54,6 +55,9 @@ from .fit import (
 from .objectives import LossFn, Totals
 from .plan import GateLayout, MergePlan
 
+if TYPE_CHECKING:
+    from .path import LambdaPath
+
 log = logging.getLogger("softmerge")
 
 __all__ = ["FitConfig", "FitResult", "SoftMerger", "recalibrate_batchnorm"]
@@ -69,7 +73,11 @@ class SoftMerger:
     ``device`` (default: the model's) is where the stack, the gates and every step live;
     ``storage_dtype`` (default: the candidates' own floating dtype) is the stack's dtype; a
     bf16/fp16 stack accumulates the merge in float32. The merger keeps no copy of the model's
-    weights: only a weightless template of it."""
+    weights: only a weightless template of it.
+
+    Inside an initialised process group (torchrun), ``fit`` trains data-parallel: every process
+    gives it the same loader and takes its share of each batch (``softmerge.distributed``);
+    ``shard_stack=True`` also splits the stack across the processes (``softmerge.sharded``)."""
 
     def __init__(
         self,
@@ -81,6 +89,7 @@ class SoftMerger:
         base: Any = None,
         device: str | torch.device | None = None,
         storage_dtype: str | torch.dtype | None = None,
+        shard_stack: bool = False,
         context: MergeContext | None = None,
     ) -> None:
         self.ctx = context or MergeContext(
@@ -91,6 +100,7 @@ class SoftMerger:
             base=base,
             device=device,
             storage_dtype=storage_dtype,
+            shard_stack=shard_stack,
         )
         ctx = self.ctx
         self.plan = ctx.plan
@@ -115,8 +125,17 @@ class SoftMerger:
         self._buffer_names = {k for k, _ in self.model.named_buffers()}
         self._generator: torch.Generator | None = None
         self._bn_buffers: dict[str, torch.Tensor] | None = None
-        self._repaired: tuple[dict[str, torch.Tensor], dict[str, Any]] | None = None
+        # plan.repair: (gates' version, repaired state, note), computed when first asked for
+        self._repaired: tuple[tuple[Any, ...], dict[str, torch.Tensor], dict[str, Any]] | None
+        self._repaired = None
         self.result: FitResult | None = None
+        self.path: LambdaPath | None = None  # set by fit_path (and fit with l0_lambda "auto")
+        # Distributed fits (set by make_loop): the model gate steps run (BatchNorm on the global
+        # batch's statistics), and this rank's weight, logs and penalty of the current step.
+        self._dist = False
+        self._train_model: nn.Module = self.model
+        self._share: tuple[float, dict[str, float], float] = (0.0, {}, 0.0)
+        self._final: tuple[tuple[Any, ...], dict[str, torch.Tensor]] | None = None
 
     def _report_excluded(self) -> None:
         for cand, ok in zip(self.ctx.pool, self.ctx.active, strict=True):
@@ -228,9 +247,12 @@ class SoftMerger:
         state.update(merged)
         return state
 
-    def _forward(self, state: Mapping[str, torch.Tensor], batch: Batch):
+    def _forward(
+        self, state: Mapping[str, torch.Tensor], batch: Batch, model: nn.Module | None = None
+    ):
         b = split_on(batch, self.ctx.device)
-        return logits_of(functional_call(self.model, dict(state), b.args, b.kwargs)), b
+        module = self.model if model is None else model
+        return logits_of(functional_call(module, dict(state), b.args, b.kwargs)), b
 
     # -- the fit loop's problem --------------------------------------------------------------
 
@@ -241,10 +263,37 @@ class SoftMerger:
         z = self.gates.sample(self._generator)
         merged = self.merged_parameters(z, reuse=True)
         state = self._functional_state(merged, fresh_buffers=True)
+        if self._dist:
+            return self._share_loss(state, batch, self._l0_lambda * self.l0_penalty())
         logits, b = self._forward(state, batch)
         task = self.ctx.objective_fn.loss(logits, b)
         total = task + self._l0_lambda * self.l0_penalty()
         return total, {"loss": total.item(), "task_loss": task.item()}
+
+    def _share_loss(
+        self, state: Mapping[str, torch.Tensor], batch: Batch, penalty: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """This rank's share of the batch. What is backpropagated is ``weight * mean loss`` of
+        the share (weight: samples, or tokens); :meth:`_reduce_gradients` divides the sum over
+        ranks by the total weight: the gradient of the global batch's mean loss."""
+        objective = self.ctx.objective_fn
+        logits, b = self._forward(state, distributed.shard_batch(batch), self._train_model)
+        weight = objective.weight(logits, b)
+        # A share with nothing to predict (all padding) still runs backward with the others.
+        task = objective.loss(logits, b) if weight > 0 else logits.sum() * 0.0
+        total = task + penalty
+        logs = {"loss": total.item(), "task_loss": task.item()}
+        self._share = (weight, logs, float(penalty.detach()))
+        return total * weight, logs
+
+    def _reduce_gradients(self, params: Sequence[nn.Parameter]) -> None:
+        """Gradients and logged losses of the global batch, the same on every rank."""
+        weight, logs, penalty = self._share
+        total, (task_sum,) = distributed.reduce_gradients(
+            params, weight, [weight * logs["task_loss"]]
+        )
+        task = task_sum / total
+        logs.update(loss=task + penalty, task_loss=task)
 
     def after_backward(self, step: int) -> None:
         if step <= self._warmup:
@@ -289,16 +338,19 @@ class SoftMerger:
         uninterrupted run. A checkpoint saved by a different merge (candidates, plan, fit
         settings, seed, ``run_key`` or data) is refused with a ConfigError."""
         cfg = config or FitConfig()
+        if cfg.l0_lambda == "auto":
+            return self._fit_auto(loader, cfg, loss_fn, checkpoint is not None or resume)
         ckpt = None if checkpoint is None else Path(checkpoint)
         if resume and ckpt is None:
             raise PlanError("resume=True needs checkpoint=<path of the checkpoint file>")
-        saved = load_checkpoint(ckpt) if resume and ckpt is not None else None
+        saved = distributed.load_checkpoint_shared(ckpt) if resume and ckpt is not None else None
         start = time.perf_counter()
         loop = self.make_loop(loader, cfg, val_loader, loss_fn)
         losses = dict(self.ctx.solo_losses())
         if ckpt is not None:
             self._add_checkpointer(loop, cfg, ckpt, saved, losses, run_key, keep_checkpoint)
         set_gate_training_mode(self.model)
+        set_gate_training_mode(self._train_model)
         try:
             loop.run(cycle_batches(loader))
         finally:
@@ -307,9 +359,7 @@ class SoftMerger:
         self._bn_buffers, self._repaired = None, None
         if cfg.recalibrate_bn and has_batchnorm(self.model):
             self._bn_buffers = self._recalibrated_buffers(loader)
-        if self.plan.repair:
-            self._repaired = self._repair()
-        if ckpt is not None and not keep_checkpoint:
+        if ckpt is not None and not keep_checkpoint and distributed.is_writer():
             remove_checkpoint(ckpt)
         recorder = loop.callback(Recorder)
         self.result = FitResult(
@@ -322,6 +372,92 @@ class SoftMerger:
         )
         return self.result
 
+    def fit_path(
+        self,
+        loader: Iterable[Batch],
+        lambdas: Sequence[float] | None = None,
+        *,
+        config: FitConfig | None = None,
+        held_out: Iterable[Batch] | None = None,
+        loss_fn: LossFn | None = None,
+        stage_steps: int | None = None,
+        max_steps: int | None = None,
+    ) -> LambdaPath:
+        """The L0 path (:mod:`softmerge.path`): the gates trained over a λ grid (``lambdas``,
+        or found from "nothing closes" to "one candidate per unit"), each λ warm-started from
+        the previous one; per λ the open gates and the scores on ``loader`` and ``held_out``;
+        candidate importance; the merger is left at the sparsest λ within
+        ``config.l0_tolerance`` of the best held-out loss."""
+        from .path import fit_path
+
+        return fit_path(
+            self,
+            loader,
+            lambdas,
+            config=config,
+            held_out=held_out,
+            loss_fn=loss_fn,
+            stage_steps=stage_steps,
+            max_steps=max_steps,
+        )
+
+    def _fit_auto(
+        self, loader: Iterable[Batch], cfg: FitConfig, loss_fn: LossFn | None, checkpointed: bool
+    ) -> FitResult:
+        """``l0_lambda: auto`` through ``fit``: a seeded part of ``loader`` is held out."""
+        from .path import split_held_out
+
+        if checkpointed:
+            raise PlanError("l0_lambda 'auto' runs the L0 path, which is not checkpointed")
+        learn, held = split_held_out(loader, seed=cfg.seed)
+        self.fit_path(learn, config=cfg, held_out=held, loss_fn=loss_fn)
+        assert self.result is not None
+        return self.result
+
+    def continue_loop(
+        self, steps: int, l0_lambda: float, optimizer: torch.optim.Optimizer, cfg: FitConfig
+    ) -> FitLoop:
+        """A loop that continues the current gates (no re-initialisation, no warm-up) with
+        ``optimizer`` and the noise generator of the last ``make_loop``, ``steps`` steps at
+        ``l0_lambda``: a warm start (one stage of an L0 path)."""
+        if self._generator is None:
+            raise PlanError("continue_loop needs a first loop: call make_loop (or fit) first")
+        self._l0_lambda = l0_lambda
+        self._warmup = 0
+        recorder = Recorder(cfg.record_every, self._record_extra, self.deterministic_gates)
+        progress = Progress(f"gates λ={l0_lambda:.3g}", cfg.progress and distributed.is_writer())
+        return FitLoop(
+            self,
+            optimizer,
+            steps,
+            generator=self._generator,
+            grad_clip=cfg.grad_clip,
+            callbacks=[recorder, progress],
+            reduce_gradients=self._reduce_gradients if self._dist else None,
+        )
+
+    def gate_training_mode(self) -> None:
+        """The models in the mode gate steps run in (BatchNorm on batch statistics, dropout
+        off), as ``fit`` sets them; call after ``make_loop``."""
+        set_gate_training_mode(self.model)
+        set_gate_training_mode(self._train_model)
+
+    def use_gates(
+        self, state: Mapping[str, torch.Tensor], loader: Iterable[Batch] | None = None
+    ) -> None:
+        """Load gate parameters (``self.gates.state_dict()`` of another moment, e.g. a point of
+        an L0 path); with ``loader``, BatchNorm statistics are re-estimated for them."""
+        self.gates.load_state_dict(dict(state))
+        self._bn_buffers = None
+        if loader is not None and has_batchnorm(self.model):
+            self.model.eval()
+            self._bn_buffers = self._recalibrated_buffers(loader)
+
+    def score(self, loader: Iterable[Batch]) -> dict[str, float]:
+        """Loss and metric of the current deterministic merge on ``loader`` (BatchNorm on batch
+        statistics, as during training)."""
+        return self._score(loader)
+
     def make_loop(
         self,
         loader: Iterable[Batch],
@@ -332,8 +468,17 @@ class SoftMerger:
         """The fit loop of ``cfg`` on ``loader``, ready to run: candidates ranked, gates
         initialised, optimiser and callbacks (record, validate, progress) in place. ``fit``
         runs it; a benchmark can time ``loop.train_step(batch)`` on its own."""
+        if cfg.l0_lambda == "auto":
+            raise PlanError("a fit loop trains at one λ; l0_lambda 'auto' runs the L0 path (fit)")
         ctx = self.ctx
         ctx.use_data(loader, loss_fn or cfg.objective, cfg.rank_batches)
+        self._dist = distributed.is_distributed()
+        if self._dist:
+            first = untouched_order(loader, lambda: first_batches(loader, 1))[0]
+            distributed.check_same_batches(first)
+        self._train_model = (
+            distributed.with_global_batchnorm(self.model) if self._dist else self.model
+        )
         losses = ctx.solo_losses()
         total = cfg.total_steps(loader)
         self._generator = torch.Generator().manual_seed(cfg.seed)
@@ -342,7 +487,8 @@ class SoftMerger:
         self._initialise_gates(cfg, losses)
         optimizer = default_optimizer(self.gate_parameters, cfg.optimizer, cfg.lr)
         recorder = Recorder(cfg.record_every, self._record_extra, self.deterministic_gates)
-        callbacks: list[Callback] = [recorder, Progress("gates", cfg.progress)]
+        progress = Progress("gates", cfg.progress and distributed.is_writer())
+        callbacks: list[Callback] = [recorder, progress]
         if val_loader is not None and cfg.eval_every:
             callbacks.insert(1, Validator(cfg.eval_every, lambda: self._score(val_loader)))
         return FitLoop(
@@ -352,6 +498,7 @@ class SoftMerger:
             generator=self._generator,
             grad_clip=cfg.grad_clip,
             callbacks=callbacks,
+            reduce_gradients=self._reduce_gradients if self._dist else None,
         )
 
     def _add_checkpointer(
@@ -368,7 +515,15 @@ class SoftMerger:
         key = self._fingerprint(cfg, loop.total_steps, run_key)
         notes = {"candidate_losses": losses, "reference": self.ctx.reference}
         loop.callbacks.append(
-            Checkpointer(ckpt, cfg.checkpoint_every, key, self.gates, notes, keep_last=keep)
+            Checkpointer(
+                ckpt,
+                cfg.checkpoint_every,
+                key,
+                self.gates,
+                notes,
+                keep_last=keep,
+                save=distributed.is_writer(),
+            )
         )
         if saved is None:
             return
@@ -429,7 +584,13 @@ class SoftMerger:
             for part in ("a", "b")
         )
         stacked = itertools.chain(self.stack.buffers.items(), factors)
-        return fingerprint(description, itertools.chain(stacked, rest))
+        key = fingerprint(description, itertools.chain(stacked, rest))
+        # A sharded stack: each rank hashed its own rows; the run is all of them, in rank order.
+        return distributed.combined_digest(key) if self._sharded else key
+
+    @property
+    def _sharded(self) -> bool:
+        return bool(getattr(self.stack, "sharded", False))
 
     def _record_extra(self) -> dict[str, Any]:
         gates = self.deterministic_gates()
@@ -441,45 +602,68 @@ class SoftMerger:
 
     @torch.no_grad()
     def _score(self, loader: Iterable[Batch]) -> dict[str, float]:
-        """Loss and metric of the deterministic merge (BatchNorm on batch statistics)."""
+        """Loss and metric of the deterministic merge (BatchNorm on batch statistics). In a
+        distributed run each rank scores its whole batches and the totals are summed."""
         state = self._functional_state(
             self.merged_parameters(self.deterministic_gates()), fresh_buffers=True
         )
         set_gate_training_mode(self.model)
         totals = Totals()
-        for batch in loader:
+        for batch in distributed.my_batches(loader):
             logits, b = self._forward(state, batch)
             totals.add(self.ctx.objective_fn.totals(logits, b))
-        return self.ctx.objective_fn.metrics(totals)
+        summed = distributed.sum_across([totals.loss, totals.weight, totals.correct])
+        return self.ctx.objective_fn.metrics(Totals(*summed))
 
     def _recalibrated_buffers(self, loader: Iterable[Batch]) -> dict[str, torch.Tensor]:
         state = self._merged_state(recalibrated=False)
         model = model_with_state(self.model, state, self.ctx.device)
-        recalibrate_batchnorm(model, loader)
+        distributed.recalibrate_batchnorm(model, loader)  # recalibrate_batchnorm, shared out
         return {k: v.detach().clone() for k, v in model.named_buffers()}
 
     # -- results -----------------------------------------------------------------------------
 
     @property
     def repair_note(self) -> dict[str, Any] | None:
-        """What plan.repair did after the fit (layers, weights, seconds), or None."""
-        return None if self._repaired is None else self._repaired[1]
+        """What plan.repair did to the current merge (layers, weights, seconds), or None."""
+        return self._repair()[2] if self.plan.repair and self.result is not None else None
 
-    def _repair(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    def _repair(self) -> tuple[tuple[Any, ...], dict[str, torch.Tensor], dict[str, Any]]:
         """plan.repair: REPAIR the deterministic merge; each layer's statistics are the
-        candidates' interpolated with that layer's mixing weights (softmerge.align.pool)."""
+        candidates' interpolated with that layer's mixing weights (softmerge.align.pool).
+        Computed once per set of gates (an L0 path moves them after the fit)."""
         from .align.pool import repair_merged, soft_layer_weights
 
-        with torch.no_grad():
-            mixing = self.mixing_weights(self.deterministic_gates())
-        weights = soft_layer_weights(self.ctx, self.layout, mixing, self.delta)
-        return repair_merged(self.ctx, self._merged_state(), weights, delta=self.delta)
+        version = (
+            *(p._version for p in self.gate_parameters),
+            id(self._bn_buffers),
+            self.ctx.reference,
+        )
+        if self._repaired is None or self._repaired[0] != version:
+            with torch.no_grad():
+                mixing = self.mixing_weights(self.deterministic_gates())
+            weights = soft_layer_weights(self.ctx, self.layout, mixing, self.delta)
+            state = self._merged_state(repaired=False)
+            self._repaired = (version, *repair_merged(self.ctx, state, weights, delta=self.delta))
+        return self._repaired
 
-    def _merged_state(self, recalibrated: bool = True) -> dict[str, torch.Tensor]:
-        if recalibrated and self._repaired is not None:
-            return dict(self._repaired[0])
+    def _deterministic_merge(self) -> dict[str, torch.Tensor]:
+        """The merged tensors at the test-time gates. A sharded stack's merge is collective: it
+        is kept until the gates change, so rank 0 can then export and evaluate on its own."""
         with torch.no_grad():
-            merged = self.merged_parameters(self.deterministic_gates())
+            if not self._sharded:
+                return self.merged_parameters(self.deterministic_gates())
+            version = (*(p._version for p in self.gate_parameters), self.ctx.reference)
+            if self._final is None or self._final[0] != version:
+                self._final = (version, self.merged_parameters(self.deterministic_gates()))
+            return self._final[1]
+
+    def _merged_state(
+        self, recalibrated: bool = True, repaired: bool = True
+    ) -> dict[str, torch.Tensor]:
+        if recalibrated and repaired and self.plan.repair and self.result is not None:
+            return dict(self._repair()[1])  # fitted gates: the REPAIRed merge (plan.repair)
+        merged = self._deterministic_merge()
         if recalibrated and self._bn_buffers is not None:
             merged = {**merged, **self._bn_buffers}
         return self.ctx.assemble(merged)

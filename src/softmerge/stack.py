@@ -106,42 +106,60 @@ class _StackedMix(torch.autograd.Function):
     ) -> torch.Tensor:
         ctx.stack, ctx.axis = stack, axis
         ctx.save_for_backward(w)
-        acc = accumulation_dtype(stack.dtype)
-        w = w.to(acc)
-        if out is None:
-            out = torch.empty(stack.shape[1:], dtype=acc, device=stack.device)
-        if axis is None:
-            _weighted_rows(out.view(-1), stack.view(stack.shape[0], -1), w, offset)
-        else:
-            if offset is None:
-                out.zero_()
-            else:
-                out.copy_(offset)
-            for j in range(stack.shape[0]):
-                out.addcmul_(stack[j].to(acc), _along(w[j], axis, out.dim()))
+        out = mix_into(w, stack, axis, offset, out)
         return out.view(out.shape)  # a view: each step's output is its own autograd tensor
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
         (w,) = ctx.saved_tensors
-        stack, axis = ctx.stack, ctx.axis
-        acc = accumulation_dtype(stack.dtype)
-        grad = grad.to(acc)
-        if axis is None:
-            flat, g = stack.view(stack.shape[0], -1), grad.reshape(-1)
-            if stack.dtype == acc:
-                return torch.mv(flat, g).to(w.dtype), None, None, None, None
-            total = torch.zeros(flat.shape[0], dtype=acc, device=stack.device)
-            for part, start, stop in _upcast_chunks(flat, acc):
-                total += torch.mv(part, g[start:stop])
-            return total.to(w.dtype), None, None, None, None
-        dims = [d for d in range(grad.dim()) if d != axis]
-        # (sum over an empty list of dims would reduce everything: a 1-D tensor has none)
-        rows = [
-            (stack[j].to(acc) * grad).sum(dim=dims) if dims else stack[j].to(acc) * grad
-            for j in range(stack.shape[0])
-        ]
-        return torch.stack(rows).to(w.dtype), None, None, None, None
+        return mix_weight_grad(ctx.stack, ctx.axis, grad).to(w.dtype), None, None, None, None
+
+
+def mix_into(
+    w: torch.Tensor,
+    stack: torch.Tensor,
+    axis: int | None,
+    offset: torch.Tensor | None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``out = offset + sum_j w[j] * stack[j]`` in the accumulation dtype (w: (N,), or (N, C)
+    broadcast along ``axis``); ``out`` is allocated when None."""
+    acc = accumulation_dtype(stack.dtype)
+    w = w.to(acc)
+    if out is None:
+        out = torch.empty(stack.shape[1:], dtype=acc, device=stack.device)
+    if axis is None:
+        _weighted_rows(out.view(-1), stack.view(stack.shape[0], -1), w, offset)
+    else:
+        if offset is None:
+            out.zero_()
+        else:
+            out.copy_(offset)
+        for j in range(stack.shape[0]):
+            out.addcmul_(stack[j].to(acc), _along(w[j], axis, out.dim()))
+    return out
+
+
+def mix_weight_grad(stack: torch.Tensor, axis: int | None, grad: torch.Tensor) -> torch.Tensor:
+    """``dL/dw`` of :func:`mix_into` for ``grad = dL/dout``: (N,), or (N, C) along ``axis``;
+    in the accumulation dtype. Reads the stack once (half stacks in float32 chunks)."""
+    acc = accumulation_dtype(stack.dtype)
+    grad = grad.to(acc)
+    if axis is None:
+        flat, g = stack.view(stack.shape[0], -1), grad.reshape(-1)
+        if stack.dtype == acc:
+            return torch.mv(flat, g)
+        total = torch.zeros(flat.shape[0], dtype=acc, device=stack.device)
+        for part, start, stop in _upcast_chunks(flat, acc):
+            total += torch.mv(part, g[start:stop])
+        return total
+    dims = [d for d in range(grad.dim()) if d != axis]
+    # (sum over an empty list of dims would reduce everything: a 1-D tensor has none)
+    rows = [
+        (stack[j].to(acc) * grad).sum(dim=dims) if dims else stack[j].to(acc) * grad
+        for j in range(stack.shape[0])
+    ]
+    return torch.stack(rows)
 
 
 def _weighted_rows(

@@ -109,7 +109,14 @@ def export_soft_merge(
         ):
             paths[f"adapter/{p.name}"] = p
     snap = merger.gate_snapshot()
-    paths["gates"] = write_gates_json(out_dir / "gates.json", snap, extra={"merge": info})
+    gate_extra: dict[str, Any] = {"merge": info}
+    path = getattr(merger, "path", None)
+    if path is not None:  # an L0 path was run (l0_lambda: auto): its importance and choice
+        from ..path import write_path_outputs
+
+        gate_extra["path"] = path.summary()
+        paths.update(write_path_outputs(out_dir, path))
+    paths["gates"] = write_gates_json(out_dir / "gates.json", snap, extra=gate_extra)
     paths["heatmap"] = plot_gate_heatmap(out_dir / "gates.png", snap)
     if result is not None and result.history:
         paths["history"] = write_json(out_dir / "history.json", result.history)

@@ -207,6 +207,8 @@ def describe_param_error(exc: ValidationError, params: type[BaseModel]) -> str:
         close = difflib.get_close_matches(key, allowed, n=1)
         hint = f"did you mean '{close[0]}'?" if close else f"allowed: {', '.join(allowed) or '-'}"
         return f"unknown parameter '{key}'; {hint}"
+    if err["type"] == "value_error":  # a validator's own message already names the value
+        return f"{key}: {(err.get('ctx') or {}).get('error', err['msg'])}"
     got = repr(err.get("input"))
     msg = str(err["msg"])
     return f"{key}: {msg[:1].lower()}{msg[1:]}, got {got[:60]}"

@@ -9,6 +9,7 @@ from typing import Any
 
 from pydantic import create_model
 
+from ..errors import PlanError
 from ..fit import FitConfig
 from ..soft import SoftMerger
 from .base import MergeContext, MergeMethod, MergeOutcome, MethodParams, register
@@ -42,9 +43,11 @@ class SoftMerging(MergeMethod):
 
     def run(self, ctx: MergeContext) -> MergeOutcome:
         cfg = self.fit_config(ctx)
-        ctx.configure(cfg.device, cfg.storage_dtype)
-        merger = SoftMerger(None, context=ctx)
+        ctx.configure(cfg.device, cfg.storage_dtype, shard_stack=cfg.shard_stack)
         spec = ctx.checkpoint
+        if cfg.l0_lambda == "auto":
+            return self._run_path(ctx, cfg)
+        merger = SoftMerger(None, context=ctx)
         merger.fit(
             ctx.require_data(self.name),
             val_loader=ctx.val_loader,
@@ -59,3 +62,22 @@ class SoftMerging(MergeMethod):
         if merger.repair_note is not None:  # plan.repair: done on the merger's own state
             info["repair"] = merger.repair_note
         return MergeOutcome(state, merger.merged_model, info)
+
+    def _run_path(self, ctx: MergeContext, cfg: FitConfig) -> MergeOutcome:
+        """``l0_lambda: auto``: the L0 path; the merge is its chosen point (softmerge.path)."""
+        from ..path import merge_path
+
+        if ctx.checkpoint is not None:
+            raise PlanError(
+                "fit.l0_lambda 'auto' runs the L0 path, which is not checkpointed: drop "
+                "fit.checkpoint_every / --resume, or give l0_lambda a number"
+            )
+        merger, path = merge_path(ctx, cfg)
+        info = {
+            "merger": merger,
+            "fit": merger.result,
+            "path": path,
+            "l0_choice": dict(path.choice),
+            "importance": [dict(r) for r in path.importance],
+        }
+        return MergeOutcome(merger.merged_state_dict(), merger.merged_model, info)

@@ -6,6 +6,7 @@ pyplot's global figure list, so nothing stays open (or leaks) whether saving wor
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -183,6 +184,83 @@ def plot_convergence(
     _plot_losses(axes[0], history)
     _plot_l0(axes[1], history)
     _plot_gates(axes[2], history, candidates)
+    if title is not None:
+        fig.suptitle(title)
+    return _save_figure(path, fig)
+
+
+def _path_metric(points: Sequence[dict[str, Any]]) -> str:
+    keys = {k for p in points for k in (p.get("learn") or {})}
+    return next((m for m in ("accuracy", "perplexity") if m in keys), "loss")
+
+
+def plot_path(
+    path: PathLike,
+    points: Sequence[dict[str, Any]],
+    candidates: Sequence[str],
+    chosen: int | None = None,
+    title: str | None = None,
+) -> Path:
+    """The L0 path (points as in path.json): accuracy (perplexity, or loss) of every scored
+    split against the open gates per unit, one marker per λ; and each candidate's open units
+    against λ (symlog: λ = 0 included), which shows the order candidates close in."""
+    metric = _path_metric(points)
+    fig = _new_figure((12, 4.5))
+    left, right = fig.subplots(1, 2)
+    xs = [float(p["open_per_unit"]) for p in points]
+    splits = [("learn", "learning data"), ("held_out", "held-out data")]
+    drawn = False
+    for key, label in splits:
+        ys = [(p.get(key) or {}).get(metric) for p in points]
+        if any(y is not None for y in ys):
+            _line(left, xs, [math.nan if y is None else float(y) for y in ys], label=label)
+            drawn = True
+    evals = [p.get(f"eval_{metric}") for p in points]
+    if any(v is not None for v in evals):
+        _line(left, xs, [math.nan if v is None else float(v) for v in evals], label="eval data")
+        drawn = True
+    if drawn:
+        first = next(k for k, _ in splits if any(p.get(k) for p in points))
+        for p, x in zip(points, xs, strict=True):
+            y = (p.get(first) or {}).get(metric)
+            if y is not None:
+                left.annotate(
+                    f"{p['lambda']:.2g}",
+                    (x, y),
+                    fontsize=7,
+                    textcoords="offset points",
+                    xytext=(3, 3),
+                )
+        if chosen is not None and (points[chosen].get(first) or {}).get(metric) is not None:
+            left.plot(
+                [xs[chosen]],
+                [points[chosen][first][metric]],
+                "o",
+                ms=10,
+                mfc="none",
+                mec="red",
+                label="chosen λ",
+            )
+        left.legend(fontsize="small")
+    else:
+        _mark_empty(left)
+    left.set_xlabel("open gates per unit (mean)")
+    left.set_ylabel(metric)
+    left.set_title(f"{metric} along the L0 path (labels: λ)")
+    lams = [float(p["lambda"]) for p in points]
+    positive = [v for v in lams if v > 0]
+    styles = ("-", "--", ":", "-.")  # candidates that close together draw on one another
+    for i, name in enumerate(candidates):
+        ys = [float(p["open_units"].get(name, 0)) for p in points]
+        _line(right, lams, ys, label=name, linestyle=styles[i % len(styles)])
+    if positive:
+        right.set_xscale("symlog", linthresh=min(positive))
+    right.set_xlabel("λ")
+    right.set_ylabel("open units")
+    right.set_title("open units per candidate")
+    right.yaxis.set_major_locator(_integer_ticks())
+    if candidates:
+        right.legend(fontsize="small", ncol=1 + len(candidates) // 8)
     if title is not None:
         fig.suptitle(title)
     return _save_figure(path, fig)

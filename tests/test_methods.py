@@ -244,9 +244,7 @@ def _yaml(folder: Path, **extra) -> Path:
 
 
 def test_compare_runs_every_method_from_yaml(files, capsys):
-    entries = [
-        {"method": n, "params": FAST.get(n, {})} for n in FULL if n not in ("slerp",)
-    ]
+    entries = [{"method": n, "params": FAST.get(n, {})} for n in FULL if n not in ("slerp",)]
     # SLERP interpolates two models: two of the candidates, without the comparison's base.
     entries.append({"method": "slerp", "candidates": ["a", "c"], "plan": {"base": None}})
     channel = {"granularity": "channel"}

@@ -45,6 +45,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -659,9 +660,11 @@ def write_page(results: dict[str, Any], docs: Path) -> Path:
     lines = [
         "# Performance: memory, static merges, gate steps, the L0 path",
         "",
-        "_Written by `make perf` (`benchmarks/engine.py`) from one run; do not edit by hand._",
+        "_Written by `make perf` (`benchmarks/engine.py`); do not edit by hand. A run with "
+        "`--only` rewrites its own sections and keeps the others: each section says when it "
+        "was measured._",
         "",
-        f"**Run:** {meta['date']}, {meta['seconds'] / 60:.1f} min, torch {meta['torch']}, "
+        f"**Latest run:** {meta['date']}, {meta['seconds'] / 60:.1f} min, torch {meta['torch']}, "
         f"{meta['cpus']} CPUs, {meta['threads']} torch thread(s) for the step timings, "
         f"OMP_WAIT_POLICY={meta['omp_wait_policy']}, {meta['machine']}.",
         "",
@@ -745,7 +748,7 @@ def write_page(results: dict[str, Any], docs: Path) -> Path:
     if path:
         lines += _path_section(path, meta)
     page = docs / "performance.md"
-    text = "\n".join(lines)
+    text = "\n".join(_dated(lines, meta, results.get("parts", PARTS)))
     if page.exists() and set(results.get("parts", PARTS)) != set(PARTS):
         text = _splice(page.read_text(encoding="utf-8"), text)
     write_text(page, text)
@@ -757,6 +760,20 @@ def write_page(results: dict[str, Any], docs: Path) -> Path:
 PARTS = ("memory", "static", "step", "dist", "path")
 
 
+def _dated(lines: list[str], meta: dict[str, Any], parts: Sequence[str]) -> list[str]:
+    """``lines`` with the run's date under each section heading that does not give its own,
+    so a page spliced from several ``--only`` runs dates every section."""
+    run = "make perf" if set(parts) == set(PARTS) else f"--only {','.join(parts)}"
+    stamp = f"_Measured {meta['date']}, {meta['seconds'] / 60:.1f} min ({run})._"
+    out: list[str] = []
+    for i, line in enumerate(lines):
+        out.append(line)
+        following = lines[i + 2] if i + 2 < len(lines) else ""
+        if line.startswith("## ") and not following.startswith("_Measured"):
+            out += ["", stamp]
+    return out
+
+
 def _sections(text: str) -> tuple[str, dict[str, str]]:
     """The page's text before its first '## ' heading, and each '## ' section by heading."""
     head, *rest = text.split("\n## ")
@@ -764,10 +781,11 @@ def _sections(text: str) -> tuple[str, dict[str, str]]:
 
 
 def _splice(old: str, new: str) -> str:
-    """``old`` with the sections ``new`` has replaced (the others, and the old header, kept;
-    a new section goes at the end): a run of some parts updates only their sections."""
-    head, sections = _sections(old)
-    _, fresh = _sections(new)
+    """``old`` with the sections ``new`` has replaced (the others kept, a new section at the
+    end) under ``new``'s header (the latest run): a run of some parts updates only their
+    sections, each of which carries its own date."""
+    _, sections = _sections(old)
+    head, fresh = _sections(new)
     sections.update(fresh)
     return "\n".join([head.rstrip("\n"), "", *(s.rstrip("\n") + "\n" for s in sections.values())])
 

@@ -389,7 +389,7 @@ def test_cli_path_refuses_other_methods_and_bad_lambda(tmp_path: Path, pool, cap
 
 def test_engine_page_rewrites_only_the_parts_that_ran() -> None:
     """`benchmarks/engine.py --only path` replaces its section of docs/performance.md and keeps
-    the others (and the page's header) as they were."""
+    the others as they were, under the latest run's header."""
     import sys
 
     bench = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -401,5 +401,11 @@ def test_engine_page_rewrites_only_the_parts_that_ran() -> None:
     old = "# T\n\nrun 1\n\n## A\n\none\n\n## B\n\ntwo\n"
     new = "# T\n\nrun 2\n\n## B\n\nthree\n\n## C\n\nfour\n"
     assert (
-        engine._splice(old, new) == "# T\n\nrun 1\n\n## A\n\none\n\n## B\n\nthree\n\n## C\n\nfour\n"
+        engine._splice(old, new) == "# T\n\nrun 2\n\n## A\n\none\n\n## B\n\nthree\n\n## C\n\nfour\n"
     )
+    # every section of a run is dated (unless it dates itself), so a spliced page says which
+    # run each section comes from
+    meta = {"date": "2026-12-03 20:00:00", "seconds": 90.0}
+    dated = engine._dated(["# T", "", "## A", "", "one", "## B", "", "_Measured x_"], meta, ["b"])
+    stamp = "_Measured 2026-12-03 20:00:00, 1.5 min (--only b)._"
+    assert dated == ["# T", "", "## A", "", stamp, "", "one", "## B", "", "_Measured x_"]

@@ -169,13 +169,20 @@ def _weighted_rows(
     weights stay tensors, so no device synchronisation). Half-precision rows are converted in
     chunks into a small reused float32 buffer."""
     count, total = flat.shape
-    if flat.dtype == out.dtype:  # row by row: faster here than mv on the (P, N) transpose
-        if offset is None:
-            torch.mul(flat[0], w[0], out=out)
-        else:
-            out.copy_(offset.reshape(-1)).addcmul_(flat[0], w[0])
-        for j in range(1, count):
-            out.addcmul_(flat[j], w[j])
+    if flat.dtype == out.dtype:
+        # Row by row (faster here than mv on the (P, N) transpose), over column chunks of a
+        # few MB: each chunk of ``out`` stays in cache while the N rows are added into it, so
+        # ``out`` is written once instead of N times (a third faster on the 18.9M MLP).
+        width = min(_SCRATCH, total)
+        for start in range(0, total, width):
+            stop = min(start + width, total)
+            segment = out[start:stop]
+            if offset is None:
+                torch.mul(flat[0, start:stop], w[0], out=segment)
+            else:
+                segment.copy_(offset.reshape(-1)[start:stop]).addcmul_(flat[0, start:stop], w[0])
+            for j in range(1, count):
+                segment.addcmul_(flat[j, start:stop], w[j])
         return
     if offset is None:
         out.zero_()

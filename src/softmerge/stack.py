@@ -28,8 +28,9 @@ from .memory import release_memory
 
 log = logging.getLogger("softmerge")
 
-# Elements of a half-precision stack converted to float32 at a time (4 MiB in all).
-_SCRATCH = 1 << 20
+# Elements of a half-precision stack converted to float32 at a time (8 MiB in all): on 2
+# threads 2M-element chunks convert and add 1.6x faster than 1M (fewer thread wake-ups).
+_SCRATCH = 1 << 21
 FLOAT_DTYPES = {
     "float32": torch.float32,
     "float": torch.float32,
@@ -167,14 +168,13 @@ def _weighted_rows(
 ) -> None:
     """out = offset + sum_j w[j] * flat[j], row by row (one pass over each candidate; faster
     here than mv on the (P, N) transpose; the weights stay tensors, so no device
-    synchronisation). The columns go in chunks of a few MB: each chunk of ``out`` stays in
-    cache while the N rows are added into it, so ``out`` is written once, not N times (a third
-    faster on the 18.9M MLP), and half-precision rows are converted into a small reused
-    float32 buffer."""
+    synchronisation). Half-precision rows are converted in column chunks into a small reused
+    float32 buffer; full-precision rows go whole (smaller chunks cost more in per-operation
+    thread wake-ups than they save in cache traffic: measured on 2 threads)."""
     count, total = flat.shape
-    width = min(_SCRATCH, total)
-    scratch = None
+    width, scratch = total, None
     if flat.dtype != out.dtype:
+        width = min(_SCRATCH, total)
         scratch = torch.empty(width, dtype=out.dtype, device=flat.device)
     for start in range(0, total, width):
         stop = min(start + width, total)

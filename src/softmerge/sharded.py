@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from .candidates import Candidate
 from .distributed import _collective, _dist, collective_device, rank, world_size
 from .memory import release_memory
-from .stack import accumulation_dtype, mix_into, mix_weight_grad
+from .stack import accumulation_dtype, mix_into, mix_weight_grad, stack_dtype
 
 
 @dataclass(frozen=True)
@@ -87,8 +87,7 @@ class ShardedStack:
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.rank, self.world = rank(), world_size()
         infos = candidates[0].infos
-        own = infos[self.names[0]].dtype if self.names else torch.float32
-        self.dtype = storage_dtype or (own if own.is_floating_point else torch.float32)
+        self.dtype = stack_dtype(candidates, self.names, storage_dtype)
         self.active = list(active) if active is not None else [True] * self.count
         self.shapes = {n: tuple(infos[n].shape) for n in self.names}
         self.layout = _shards(self.shapes, self.rank, self.world)

@@ -89,6 +89,14 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def stack_dtype(
+    candidates: Sequence[Candidate], names: Sequence[str], storage_dtype: torch.dtype | None
+) -> torch.dtype:
+    """``storage_dtype``, else the candidates' own dtype when it is floating, else float32."""
+    own = candidates[0].infos[names[0]].dtype if names else torch.float32
+    return storage_dtype or (own if own.is_floating_point else torch.float32)
+
+
 class _StackedMix(torch.autograd.Function):
     """theta = offset + sum_j w_j * stack[j] (w broadcast along ``axis``), accumulated in float32.
 
@@ -260,9 +268,7 @@ class CandidateStack:
         self.names = list(names)
         self.count = len(candidates)
         self.device = torch.device(device) if device is not None else torch.device("cpu")
-        infos = candidates[0].infos
-        own = infos[self.names[0]].dtype if self.names else torch.float32
-        self.dtype = storage_dtype or (own if own.is_floating_point else torch.float32)
+        self.dtype = stack_dtype(candidates, self.names, storage_dtype)
         self.active = list(active) if active is not None else [True] * self.count
         self.buffers: dict[str, torch.Tensor] = {}
         self.offset: dict[str, torch.Tensor] = {}

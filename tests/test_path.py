@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import copy
 import itertools
 import json
 import math
@@ -13,8 +12,9 @@ from typing import Any
 import pytest
 import torch
 import yaml
+from children import train_children
 from safetensors.torch import save_file
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader
 
 from softmerge import ConfigError, FitConfig, MergePlan, PlanError, SoftMerger
 from softmerge.cli import main
@@ -23,7 +23,7 @@ from softmerge.fit import FitLoop
 from softmerge.methods import MergeContext, get_method
 from softmerge.path import PathPoint, check_grid, choose, importance, split_held_out
 from softmerge.report import read_gates_json
-from softmerge.zoo import MLP, train
+from softmerge.zoo import MLP
 
 NAMES = ["a", "b", "c", "useless"]
 
@@ -41,24 +41,9 @@ def digits():
 def pool(digits) -> list[dict[str, torch.Tensor]]:
     """3 children of one parent, and a useless candidate: an untrained network."""
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        parent = _mlp()
         torch.manual_seed(5)
         useless = _mlp()
-    train(parent, digits.train, epochs=10, lr=3e-3, seed=0)
-    out = []
-    for k in range(3):
-        half = torch.randperm(len(digits.train), generator=torch.Generator().manual_seed(k))
-        child = train(
-            copy.deepcopy(parent),
-            Subset(digits.train, half[: len(half) // 2].tolist()),
-            epochs=10,
-            lr=3e-3,
-            seed=10 + k,
-        )
-        out.append({n: t.detach().clone() for n, t in child.state_dict().items()})
-    out.append({n: t.detach().clone() for n, t in useless.state_dict().items()})
-    return out
+    return [*train_children(digits.train), dict(useless.state_dict())]
 
 
 def loader(ds, seed: int = 0) -> DataLoader:

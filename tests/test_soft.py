@@ -6,9 +6,10 @@ import copy
 
 import pytest
 import torch
+from children import train_children
 from safetensors.torch import load_file
 from torch import nn
-from torch.utils.data import DataLoader, Subset, TensorDataset
+from torch.utils.data import DataLoader, TensorDataset
 
 from softmerge import FitConfig, MergePlan, PlanError, SoftMerger
 from softmerge.data import digits_splits
@@ -26,22 +27,7 @@ def digits():
 @pytest.fixture(scope="module")
 def children(digits):
     """3 local optima of one run: a shared parent, then different data halves and orders."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        parent = MLP(64, hidden=(32,), num_classes=10)
-    train(parent, digits.train, epochs=10, lr=3e-3, seed=0)
-    out = []
-    for k in range(3):
-        half = torch.randperm(len(digits.train), generator=torch.Generator().manual_seed(k))
-        child = train(
-            copy.deepcopy(parent),
-            Subset(digits.train, half[: len(half) // 2].tolist()),
-            epochs=10,
-            lr=3e-3,
-            seed=10 + k,
-        )
-        out.append({n: t.detach().clone() for n, t in child.state_dict().items()})
-    return out
+    return train_children(digits.train)
 
 
 def loader(ds, seed=0):

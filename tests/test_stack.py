@@ -53,3 +53,10 @@ def test_reused_output_buffer_is_overwritten_not_accumulated() -> None:
     torch.testing.assert_close(first, rows[0])
     second = st.mix_into(torch.tensor([0.0, 2.0]), rows, None, None, buffer)
     torch.testing.assert_close(second, 2 * rows[1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_an_empty_tensor_mixes_to_an_empty_tensor(dtype: torch.dtype) -> None:
+    rows = torch.empty(3, 0, 4, dtype=dtype)
+    out = st.mix_into(torch.tensor([0.2, 0.3, 0.5]), rows, None, None)
+    assert out.shape == (0, 4) and out.dtype == torch.float32

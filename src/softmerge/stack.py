@@ -180,9 +180,9 @@ def _weighted_rows(
     float32 buffer; full-precision rows go whole (smaller chunks cost more in per-operation
     thread wake-ups than they save in cache traffic: measured on 2 threads)."""
     count, total = flat.shape
-    width, scratch = total, None
+    width, scratch = max(total, 1), None  # (an empty tensor: one empty chunk, not a 0 step)
     if flat.dtype != out.dtype:
-        width = min(_SCRATCH, total)
+        width = max(min(_SCRATCH, total), 1)
         scratch = torch.empty(width, dtype=out.dtype, device=flat.device)
     for start in range(0, total, width):
         stop = min(start + width, total)

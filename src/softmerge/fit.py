@@ -69,6 +69,9 @@ class FitConfig(Settings):
     # the sparsest merge whose held-out loss is within l0_tolerance (relative) of the best.
     l0_lambda: Lambda = 1e-3
     l0_tolerance: float = Field(0.01, ge=0, allow_inf_nan=False)
+    # How sure "within l0_tolerance" must be: a sparser point's loss gap plus its standard
+    # error times this one-sided normal quantile (0.95: 1.64) must be within it; 0.5: the gap.
+    l0_confidence: float = Field(0.95, ge=0.5, lt=1, allow_inf_nan=False)
     init_gate: float = Field(0.5, gt=0, lt=1)  # every gate starts here: uniform-soup start
     seed: int = Field(0, ge=0, lt=2**64)  # the gate noise (the loader's order is its own)
     # "auto" (follows the model), "classification" ("cross_entropy"), "causal_lm",

@@ -63,6 +63,18 @@ class Objective:
         weight = float(max(batch.size, 1))
         return Totals(float(self.loss(logits, batch)) * weight, weight)
 
+    def sample_totals(
+        self, logits: torch.Tensor, batch: SplitBatch
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per sample, the summed loss and its weight (what ``totals`` adds up), float64 on
+        the CPU: two models scored on the same data compare sample by sample (the L0 path's
+        choice bounds a loss gap by its standard error). Default: the batch is one sample."""
+        t = self.totals(logits, batch)
+        return (
+            torch.tensor([t.loss], dtype=torch.float64),
+            torch.tensor([t.weight], dtype=torch.float64),
+        )
+
     def weight(self, logits: torch.Tensor, batch: SplitBatch) -> float:
         """How many terms ``loss`` averages over: the batch's loss is a mean, and a mean over
         several shares is their means weighted by this (what a distributed run reduces with).
@@ -112,6 +124,13 @@ class Classification(Objective):
         loss = F.cross_entropy(logits.float(), labels, reduction="sum")
         correct = (logits.argmax(-1) == labels).sum()
         return Totals(float(loss), float(labels.numel()), float(correct))
+
+    def sample_totals(
+        self, logits: torch.Tensor, batch: SplitBatch
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        labels = self._labels(logits, batch)
+        loss = F.cross_entropy(logits.float(), labels, reduction="none").detach()
+        return loss.double().cpu(), torch.ones(loss.shape, dtype=torch.float64)
 
 
 class CausalLM(Objective):
@@ -163,6 +182,21 @@ class CausalLM(Objective):
     def totals(self, logits: torch.Tensor, batch: SplitBatch) -> Totals:
         total, count = self._summed(logits, batch)
         return Totals(float(total), float(count))
+
+    def sample_totals(
+        self, logits: torch.Tensor, batch: SplitBatch
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per sequence: its summed token losses and its predicted tokens."""
+        self._summed(logits, batch)  # the same checks (a batch with no token to predict)
+        targets = self._targets(logits, batch)
+        per_token = F.cross_entropy(
+            logits[:, :-1].float().transpose(1, 2),
+            targets,
+            ignore_index=IGNORE_INDEX,
+            reduction="none",
+        ).detach()
+        counts = (targets != IGNORE_INDEX).sum(1)
+        return per_token.sum(1).double().cpu(), counts.double().cpu()
 
 
 class Entropy(Objective):

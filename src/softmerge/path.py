@@ -25,7 +25,9 @@ scored, with its deterministic gates, on the learning data and on held-out data.
 Importance: a candidate's *closing λ* is the first λ of the path from which on its gates are
 0 in every unit; candidates ranked by closing λ (the ones that never close first), then by
 their share of the open gates summed over the path. ``l0_lambda: auto`` picks the sparsest
-point whose held-out loss is within ``l0_tolerance`` (relative) of the path's best.
+point whose held-out loss is within ``l0_tolerance`` (relative) of the path's best, with
+``l0_confidence``: the gap plus its standard error (sample by sample) times the one-sided
+normal quantile must be within the tolerance.
 """
 
 from __future__ import annotations
@@ -36,11 +38,13 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from statistics import NormalDist
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.utils.data import DataLoader, RandomSampler
 
+from . import distributed
 from .batches import Batch, cycle_batches, untouched_order
 from .errors import DataError, PlanError
 from .fit import FitConfig, FitLoop, FitResult, Recorder
@@ -140,6 +144,9 @@ class PathPoint:
     learn: dict[str, float] = field(default_factory=dict)  # loss + metric on the learning data
     held_out: dict[str, float] | None = None  # the same on held-out data
     extra: dict[str, Any] = field(default_factory=dict)  # e.g. test metrics added by a caller
+    # Per split ("learn", "held_out"): this rank's per-sample summed losses and weights, in
+    # one order for every point, so two points compare sample by sample (choose()).
+    samples: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         out = {
@@ -317,7 +324,8 @@ def fit_path(
     kept = [s for s, on_path in chain if on_path]
     points = [_point(merger, s) for s in kept]
     _score_points(merger, points, loader, held_out)
-    choice = choose(points, cfg.l0_tolerance, "held_out" if held_out is not None else "learn")
+    on = "held_out" if held_out is not None else "learn"
+    choice = choose(points, cfg.l0_tolerance, on, cfg.l0_confidence)
     path = LambdaPath(
         candidates=list(merger.names),
         units=len(merger.layout.units),
@@ -454,9 +462,21 @@ def _score_points(
     during training) on the learning data and on the held-out data."""
     for p in points:
         merger.gates.load_state_dict(p.gates)
-        p.learn = untouched_order(loader, lambda: merger.score(loader))
+        learn: list[tuple[torch.Tensor, torch.Tensor]] = []
+        p.learn = untouched_order(loader, lambda: merger.score(loader, learn))  # noqa: B023
+        p.samples["learn"] = _concat(learn)
         if held_out is not None:
-            p.held_out = merger.score(held_out)
+            held: list[tuple[torch.Tensor, torch.Tensor]] = []
+            p.held_out = merger.score(held_out, held)
+            p.samples["held_out"] = _concat(held)
+
+
+def _concat(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    empty = torch.zeros(0, dtype=torch.float64)
+    return (
+        torch.cat([p[0] for p in parts]) if parts else empty,
+        torch.cat([p[1] for p in parts]) if parts else empty,
+    )
 
 
 def _finish(
@@ -534,13 +554,19 @@ def _within(losses: Sequence[float], among: Sequence[int], tolerance: float) -> 
     return best, losses[best] + tolerance * abs(losses[best])
 
 
-def choose(points: Sequence[PathPoint], tolerance: float, on: str) -> dict[str, Any]:
+def choose(
+    points: Sequence[PathPoint], tolerance: float, on: str, confidence: float = 0.95
+) -> dict[str, Any]:
     """The λ of ``l0_lambda: auto``: the sparsest point (fewest candidates used per unit; ties
     go to the smaller λ, the less penalised merge) whose ``on`` loss ("held_out" or "learn") is
-    within ``tolerance`` (relative) of the best. With held-out data, only points whose learning
-    loss is within ``tolerance`` of the path's best learning loss compete: a few hundred
-    held-out samples cannot resolve 1 %, and the penalty's pull on gates that stay open can
-    lower the held-out loss by chance while the merge gets worse (docs/method.md)."""
+    within ``tolerance`` (relative) of the best, with ``confidence``: the gap to the best, plus
+    its standard error (sample by sample, on the same data) times the one-sided normal
+    quantile, stays within the tolerance. A few hundred held-out samples cannot resolve 1 %
+    on their own: a sparser point is taken only where the data show it is within the
+    tolerance (``confidence`` 0.5: the gap alone). With held-out data, only points whose
+    learning loss is within ``tolerance`` of the path's best learning loss compete: the
+    penalty's pull on gates that stay open can lower the held-out loss by chance while the
+    merge gets worse (docs/method.md)."""
     learn = [p.learn.get("loss", math.nan) for p in points]
     losses = [_selection_loss(p) for p in points] if on == "held_out" else learn
     finite = [k for k in range(len(points)) if math.isfinite(losses[k])]
@@ -562,7 +588,10 @@ def choose(points: Sequence[PathPoint], tolerance: float, on: str) -> dict[str, 
         eligible = [k for k in finite if learn[k] <= learn_limit]
         extra = {"learn_best_loss": learn[learn_best], "learn_limit": learn_limit}
     best, limit = _within(losses, eligible, tolerance)
-    allowed = [k for k in eligible if losses[k] <= limit]
+    z = NormalDist().inv_cdf(confidence) if confidence > 0.5 else 0.0
+    within = [k for k in eligible if losses[k] <= limit]
+    errors = {k: _gap_error(points[best], points[k], on) for k in within}
+    allowed = [k for k in within if losses[k] + z * (errors[k] or 0.0) <= limit]
     index = min(allowed, key=lambda k: (points[k].used_per_unit, points[k].lam))
     return {
         "index": index,
@@ -578,8 +607,34 @@ def choose(points: Sequence[PathPoint], tolerance: float, on: str) -> dict[str, 
         **extra,
         "eligible": len(eligible),
         "tolerance": tolerance,
+        "confidence": confidence,
+        "gap_se": errors[index],
+        # Within the tolerance on their mean gap, but not with the confidence asked for.
+        "held_back": len(within) - len(allowed),
         "selected_on": on,
     }
+
+
+def _gap_error(best: PathPoint, other: PathPoint, on: str) -> float | None:
+    """The standard error of ``other``'s mean loss minus ``best``'s on the ``on`` split, from
+    their per-sample losses (a paired ratio estimate, summed over the ranks of a distributed
+    run); None without per-sample losses for both, or with fewer than two samples."""
+    split = "held_out" if on == "held_out" else "learn"
+    if split not in best.samples or split not in other.samples:
+        return None
+    (la, wa), (lb, wb) = best.samples[split], other.samples[split]
+    if la.shape != lb.shape or not torch.equal(wa, wb):
+        return None
+    d = lb - la
+    sums = distributed.sum_across(
+        [d.sum(), (d * d).sum(), (d * wa).sum(), (wa * wa).sum(), wa.sum(), d.numel()]
+    )
+    sd, sdd, sdw, sww, sw, n = sums
+    if n < 2 or sw <= 0:
+        return None
+    gap = sd / sw
+    spread = max(sdd - 2 * gap * sdw + gap * gap * sww, 0.0)
+    return math.sqrt(spread * n / (n - 1)) / sw
 
 
 # ---------------------------------------------------------------------------------------------
@@ -653,7 +708,18 @@ def choice_text(choice: Mapping[str, Any]) -> str:
         f"{split} loss {choice['loss']:.4f}; the path's best is λ = {choice['best_lambda']:.3g} "
         f"({choice['best_open_per_unit']:.2f} per unit, loss {choice['best_loss']:.4f}); "
         f"tolerance {100 * choice['tolerance']:g} % (loss <= {choice['limit']:.4f})"
+        f"{_confidence_text(choice)}"
     )
+
+
+def _confidence_text(choice: Mapping[str, Any]) -> str:
+    """The confidence clause: how many sparser points it held back (paths written before it
+    existed have none)."""
+    if "confidence" not in choice or choice["confidence"] <= 0.5:
+        return ""
+    held = choice.get("held_back", 0)
+    which = f"; {held} sparser point(s) within it held back" if held else ""
+    return f" with {100 * choice['confidence']:g} % confidence{which}"
 
 
 def _g(value: float | None) -> str:

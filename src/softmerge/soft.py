@@ -453,10 +453,15 @@ class SoftMerger:
             self.model.eval()
             self._bn_buffers = self._recalibrated_buffers(loader)
 
-    def score(self, loader: Iterable[Batch]) -> dict[str, float]:
+    def score(
+        self,
+        loader: Iterable[Batch],
+        samples: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+    ) -> dict[str, float]:
         """Loss and metric of the current deterministic merge on ``loader`` (BatchNorm on batch
-        statistics, as during training)."""
-        return self._score(loader)
+        statistics, as during training). ``samples``: a list that gets, per batch this rank
+        scores, the per-sample summed losses and weights (``Objective.sample_totals``)."""
+        return self._score(loader, samples)
 
     def make_loop(
         self,
@@ -601,7 +606,11 @@ class SoftMerger:
         return extra
 
     @torch.no_grad()
-    def _score(self, loader: Iterable[Batch]) -> dict[str, float]:
+    def _score(
+        self,
+        loader: Iterable[Batch],
+        samples: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+    ) -> dict[str, float]:
         """Loss and metric of the deterministic merge (BatchNorm on batch statistics). In a
         distributed run each rank scores its whole batches and the totals are summed."""
         state = self._functional_state(
@@ -612,6 +621,8 @@ class SoftMerger:
         for batch in distributed.my_batches(loader):
             logits, b = self._forward(state, batch)
             totals.add(self.ctx.objective_fn.totals(logits, b))
+            if samples is not None:
+                samples.append(self.ctx.objective_fn.sample_totals(logits, b))
         summed = distributed.sum_across([totals.loss, totals.weight, totals.correct])
         return self.ctx.objective_fn.metrics(Totals(*summed))
 

@@ -34,7 +34,7 @@ test: $(STAMP) lint
 
 # Every claim of the paper, measured (issue 4): trains every candidate from scratch (seeds 0-2;
 # --fresh drops bench-out/cache), merges them with every method, times the gate step, then
-# writes docs/results.md and docs/results/*.png. About 80 minutes on 2 cores; set
+# writes docs/results.md and docs/results/*.png. About 60-80 minutes on 2 cores; set
 # OMP_NUM_THREADS to choose the thread count (recorded on the page with the total run time).
 bench: $(STAMP)
 	$(PY) benchmarks/run.py --fresh --out bench-out

@@ -167,6 +167,9 @@ def test_bad_lambda_settings_are_clear_errors() -> None:
     with pytest.raises(PlanError, match="l0_tolerance must be >= 0"):
         FitConfig(l0_tolerance=-0.01)
     assert FitConfig(l0_lambda="auto").l0_tolerance == 0.01
+    for bad in (0.4, 1.0):  # below 0.5 would accept gaps beyond the tolerance; 1: no point
+        with pytest.raises(PlanError, match="l0_confidence must be"):
+            FitConfig(l0_confidence=bad)
     # The soft method's parameters carry the same check (a config's `params:` or `methods:`).
     with pytest.raises(ConfigError, match=r"method 'soft': l0_lambda: must be >= 0, got -1\.0$"):
         get_method("soft", l0_lambda=-1.0)

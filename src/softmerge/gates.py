@@ -9,6 +9,7 @@ gradients from every sample that lands strictly inside (0, 1).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -67,6 +68,23 @@ def log_alpha_for_gate(gate: float) -> float:
 # log_alpha below this gives a deterministic gate of exactly 0; above the other, exactly 1.
 CLOSED_BELOW = math.log(-GAMMA / ZETA)
 OPEN_ABOVE = math.log((1.0 - GAMMA) / (ZETA - 1.0))
+
+
+def solo_loss_prior(losses: Sequence[float], strength: float) -> torch.Tensor:
+    """Per candidate, how far below the common start its gate begins: ``strength`` times the
+    log of its solo loss over the best one (0 for the best; 0 for a non-finite loss, whose
+    candidate is excluded anyway).
+
+    A candidate with extreme values has a solo loss orders of magnitude above the best one
+    (x100 weights: ~1e7 vs ~0.5): it starts closed, where its gate never samples open and the
+    L0 term keeps it shut. Near-equal candidates start near-equal. Without the prior, a mix
+    dominated by an extreme candidate sits on a loss plateau whose gradients barely move its
+    gate (see docs/method.md)."""
+    finite = [v for v in losses if math.isfinite(v) and v > 0]
+    best = min(finite) if finite else 1.0
+    return torch.tensor(
+        [strength * math.log(max(v, best) / best) if math.isfinite(v) else 0.0 for v in losses]
+    )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -5,7 +5,8 @@
     MergeContext (candidates, plan, base, rest, ranking)
       -> CandidateStack (the merged tensors, stacked once)
       -> MergeGates (log_alpha at two levels)
-      -> FitLoop (+ Recorder, Validator, Progress, Checkpointer callbacks)
+      -> FitLoop over a GateStep (one step's loss; + Recorder, Validator, Progress,
+         Checkpointer callbacks)
       -> merged state dict -> export
 
 One training step (the candidates' weights never change)::
@@ -22,7 +23,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import math
 import os
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -54,6 +54,7 @@ from .fit import (
 )
 from .objectives import LossFn, Totals
 from .plan import GateLayout, MergePlan
+from .step import GateStep
 
 if TYPE_CHECKING:
     from .path import LambdaPath
@@ -123,18 +124,13 @@ class SoftMerger:
         )
         self._dtypes = ctx.model_dtypes()
         self._buffer_names = {k for k, _ in self.model.named_buffers()}
-        self._generator: torch.Generator | None = None
+        self._step: GateStep | None = None  # the fit loop's problem (set by make_loop)
         self._bn_buffers: dict[str, torch.Tensor] | None = None
         # plan.repair: (gates' version, repaired state, note), computed when first asked for
         self._repaired: tuple[tuple[Any, ...], dict[str, torch.Tensor], dict[str, Any]] | None
         self._repaired = None
         self.result: FitResult | None = None
         self.path: LambdaPath | None = None  # set by fit_path (and fit with l0_lambda "auto")
-        # Distributed fits (set by make_loop): the model gate steps run (BatchNorm on the global
-        # batch's statistics), and this rank's weight, logs and penalty of the current step.
-        self._dist = False
-        self._train_model: nn.Module = self.model
-        self._share: tuple[float, dict[str, float], float] = (0.0, {}, 0.0)
         self._final: tuple[tuple[Any, ...], dict[str, torch.Tensor]] | None = None
 
     def _report_excluded(self) -> None:
@@ -232,7 +228,7 @@ class SoftMerger:
     def expected_l0(self) -> float:
         return self.gates.expected_l0()
 
-    def _functional_state(
+    def functional_state(
         self, merged: Mapping[str, torch.Tensor], fresh_buffers: bool = False
     ) -> dict[str, torch.Tensor]:
         """The full state ``functional_call`` needs. ``fresh_buffers``: buffers are copies,
@@ -247,58 +243,14 @@ class SoftMerger:
         state.update(merged)
         return state
 
-    def _forward(
+    def forward(
         self, state: Mapping[str, torch.Tensor], batch: Batch, model: nn.Module | None = None
     ):
+        """The logits of ``model`` (default: the template) run on ``state`` and ``batch``, and
+        the batch split into arguments and labels."""
         b = split_on(batch, self.ctx.device)
         module = self.model if model is None else model
         return logits_of(functional_call(module, dict(state), b.args, b.kwargs)), b
-
-    # -- the fit loop's problem --------------------------------------------------------------
-
-    def trainable(self) -> list[nn.Parameter]:
-        return self.gate_parameters
-
-    def loss(self, batch: Batch, step: int) -> tuple[torch.Tensor, dict[str, float]]:
-        z = self.gates.sample(self._generator)
-        merged = self.merged_parameters(z, reuse=True)
-        state = self._functional_state(merged, fresh_buffers=True)
-        if self._dist:
-            return self._share_loss(state, batch, self._l0_lambda * self.l0_penalty())
-        logits, b = self._forward(state, batch)
-        task = self.ctx.objective_fn.loss(logits, b)
-        total = task + self._l0_lambda * self.l0_penalty()
-        return total, {"loss": total.item(), "task_loss": task.item()}
-
-    def _share_loss(
-        self, state: Mapping[str, torch.Tensor], batch: Batch, penalty: torch.Tensor
-    ) -> tuple[torch.Tensor, dict[str, float]]:
-        """This rank's share of the batch. What is backpropagated is ``weight * mean loss`` of
-        the share (weight: samples, or tokens); :meth:`_reduce_gradients` divides the sum over
-        ranks by the total weight: the gradient of the global batch's mean loss."""
-        objective = self.ctx.objective_fn
-        logits, b = self._forward(state, distributed.shard_batch(batch), self._train_model)
-        weight = objective.weight(logits, b)
-        # A share with nothing to predict (all padding) still runs backward with the others.
-        task = objective.loss(logits, b) if weight > 0 else logits.sum() * 0.0
-        total = task + penalty
-        logs = {"loss": total.item(), "task_loss": task.item()}
-        self._share = (weight, logs, float(penalty.detach()))
-        return total * weight, logs
-
-    def _reduce_gradients(self, params: Sequence[nn.Parameter]) -> None:
-        """Gradients and logged losses of the global batch, the same on every rank."""
-        weight, logs, penalty = self._share
-        total, (task_sum,) = distributed.reduce_gradients(
-            params, weight, [weight * logs["task_loss"]]
-        )
-        task = task_sum / total
-        logs.update(loss=task + penalty, task_loss=task)
-
-    def after_backward(self, step: int) -> None:
-        if step <= self._warmup:
-            # Warm-up: only whole candidates are judged, on the evidence of every unit at once.
-            self.gates.log_alpha.grad = None
 
     # -- training ----------------------------------------------------------------------------
 
@@ -349,8 +301,7 @@ class SoftMerger:
         losses = dict(self.ctx.solo_losses())
         if ckpt is not None:
             self._add_checkpointer(loop, cfg, ckpt, saved, losses, run_key, keep_checkpoint)
-        set_gate_training_mode(self.model)
-        set_gate_training_mode(self._train_model)
+        self.gate_training_mode()
         try:
             loop.run(cycle_batches(loader))
         finally:
@@ -387,7 +338,7 @@ class SoftMerger:
         or found from "nothing closes" to "one candidate per unit"), each λ warm-started from
         the previous one; per λ the open gates and the scores on ``loader`` and ``held_out``;
         candidate importance; the merger is left at the sparsest λ within
-        ``config.l0_tolerance`` of the best held-out loss."""
+        ``config.l0_tolerance`` of the best held-out loss (with ``config.l0_confidence``)."""
         from .path import fit_path
 
         return fit_path(
@@ -420,27 +371,27 @@ class SoftMerger:
         """A loop that continues the current gates (no re-initialisation, no warm-up) with
         ``optimizer`` and the noise generator of the last ``make_loop``, ``steps`` steps at
         ``l0_lambda``: a warm start (one stage of an L0 path)."""
-        if self._generator is None:
+        if self._step is None:
             raise PlanError("continue_loop needs a first loop: call make_loop (or fit) first")
-        self._l0_lambda = l0_lambda
-        self._warmup = 0
+        self._step = step = self._step.continued(l0_lambda)
         recorder = Recorder(cfg.record_every, self._record_extra, self.deterministic_gates)
         progress = Progress(f"gates λ={l0_lambda:.3g}", cfg.progress and distributed.is_writer())
         return FitLoop(
-            self,
+            step,
             optimizer,
             steps,
-            generator=self._generator,
+            generator=step.generator,
             grad_clip=cfg.grad_clip,
             callbacks=[recorder, progress],
-            reduce_gradients=self._reduce_gradients if self._dist else None,
+            reduce_gradients=step.reduce_gradients if step.distributed_run else None,
         )
 
     def gate_training_mode(self) -> None:
         """The models in the mode gate steps run in (BatchNorm on batch statistics, dropout
         off), as ``fit`` sets them; call after ``make_loop``."""
         set_gate_training_mode(self.model)
-        set_gate_training_mode(self._train_model)
+        if self._step is not None:
+            set_gate_training_mode(self._step.model)
 
     def use_gates(
         self, state: Mapping[str, torch.Tensor], loader: Iterable[Batch] | None = None
@@ -477,18 +428,20 @@ class SoftMerger:
             raise PlanError("a fit loop trains at one λ; l0_lambda 'auto' runs the L0 path (fit)")
         ctx = self.ctx
         ctx.use_data(loader, loss_fn or cfg.objective, cfg.rank_batches)
-        self._dist = distributed.is_distributed()
-        if self._dist:
+        dist = distributed.is_distributed()
+        if dist:
             first = untouched_order(loader, lambda: first_batches(loader, 1))[0]
             distributed.check_same_batches(first)
-        self._train_model = (
-            distributed.with_global_batchnorm(self.model) if self._dist else self.model
-        )
         losses = ctx.solo_losses()
         total = cfg.total_steps(loader)
-        self._generator = torch.Generator().manual_seed(cfg.seed)
-        self._l0_lambda = cfg.l0_lambda
-        self._warmup = int(cfg.warmup * total) if self.gates.two_level else 0
+        self._step = step = GateStep(
+            self,
+            torch.Generator().manual_seed(cfg.seed),
+            cfg.l0_lambda,
+            warmup=int(cfg.warmup * total) if self.gates.two_level else 0,
+            model=distributed.with_global_batchnorm(self.model) if dist else self.model,
+            distributed_run=dist,
+        )
         self._initialise_gates(cfg, losses)
         optimizer = default_optimizer(self.gate_parameters, cfg.optimizer, cfg.lr)
         recorder = Recorder(cfg.record_every, self._record_extra, self.deterministic_gates)
@@ -497,13 +450,13 @@ class SoftMerger:
         if val_loader is not None and cfg.eval_every:
             callbacks.insert(1, Validator(cfg.eval_every, lambda: self._score(val_loader)))
         return FitLoop(
-            self,
+            step,
             optimizer,
             total,
-            generator=self._generator,
+            generator=step.generator,
             grad_clip=cfg.grad_clip,
             callbacks=callbacks,
-            reduce_gradients=self._reduce_gradients if self._dist else None,
+            reduce_gradients=step.reduce_gradients if dist else None,
         )
 
     def _add_checkpointer(
@@ -542,23 +495,9 @@ class SoftMerger:
         )
 
     def _initialise_gates(self, cfg: FitConfig, losses: Mapping[str, float]) -> None:
-        """Every gate at ``init_gate``, minus a prior from each candidate's solo loss.
-
-        A candidate with extreme values has a solo loss orders of magnitude above the best one
-        (x100 weights: ~1e7 vs ~0.5): it starts closed, where its gate never samples open and
-        the L0 term keeps it shut. Near-equal candidates start near-equal. Without the prior,
-        a mix dominated by an extreme candidate sits on a loss plateau whose gradients barely
-        move its gate (see docs/method.md)."""
-        finite = [v for v in losses.values() if math.isfinite(v) and v > 0]
-        best = min(finite) if finite else 1.0
-        prior = torch.tensor(
-            [
-                cfg.solo_prior * math.log(max(losses[n], best) / best)
-                if math.isfinite(losses[n])
-                else 0.0
-                for n in self.names
-            ]
-        )
+        """Every gate at ``init_gate``, minus a prior from each candidate's solo loss
+        (:func:`softmerge.gates.solo_loss_prior`)."""
+        prior = hc.solo_loss_prior([losses[n] for n in self.names], cfg.solo_prior)
         self.gates.initialise(cfg.init_gate, prior)
         if self.gates.log_scale is not None:
             # Ours: the learned scale starts where the deterministic merge is the gates'
@@ -613,13 +552,13 @@ class SoftMerger:
     ) -> dict[str, float]:
         """Loss and metric of the deterministic merge (BatchNorm on batch statistics). In a
         distributed run each rank scores its whole batches and the totals are summed."""
-        state = self._functional_state(
+        state = self.functional_state(
             self.merged_parameters(self.deterministic_gates()), fresh_buffers=True
         )
         set_gate_training_mode(self.model)
         totals = Totals()
         for batch in distributed.my_batches(loader):
-            logits, b = self._forward(state, batch)
+            logits, b = self.forward(state, batch)
             totals.add(self.ctx.objective_fn.totals(logits, b))
             if samples is not None:
                 samples.append(self.ctx.objective_fn.sample_totals(logits, b))

@@ -101,8 +101,10 @@ class _StackedMix(torch.autograd.Function):
     """theta = offset + sum_j w_j * stack[j] (w broadcast along ``axis``), accumulated in float32.
 
     ``out``: a buffer to write theta into (reused from step to step: a freshly allocated tensor
-    of this size costs more in page faults than the arithmetic). Backward reads the stack once
-    more for dL/dw and saves nothing but ``w``."""
+    of this size costs more in page faults than the arithmetic); ``scratch``: a float32 buffer
+    half-precision rows are converted into, in forward and backward (one per stack: 8 MiB
+    allocated and freed per tensor and step would fragment the heap). Backward reads the
+    stack once more for dL/dw and saves nothing but ``w``."""
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -112,16 +114,18 @@ class _StackedMix(torch.autograd.Function):
         axis: int | None,
         offset: torch.Tensor | None,
         out: torch.Tensor | None,
+        scratch: torch.Tensor | None,
     ) -> torch.Tensor:
-        ctx.stack, ctx.axis = stack, axis
+        ctx.stack, ctx.axis, ctx.scratch = stack, axis, scratch
         ctx.save_for_backward(w)
-        out = mix_into(w, stack, axis, offset, out)
+        out = mix_into(w, stack, axis, offset, out, scratch)
         return out.view(out.shape)  # a view: each step's output is its own autograd tensor
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
         (w,) = ctx.saved_tensors
-        return mix_weight_grad(ctx.stack, ctx.axis, grad).to(w.dtype), None, None, None, None
+        dw = mix_weight_grad(ctx.stack, ctx.axis, grad, ctx.scratch).to(w.dtype)
+        return dw, None, None, None, None, None
 
 
 def mix_into(
@@ -130,15 +134,17 @@ def mix_into(
     axis: int | None,
     offset: torch.Tensor | None,
     out: torch.Tensor | None = None,
+    scratch: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``out = offset + sum_j w[j] * stack[j]`` in the accumulation dtype (w: (N,), or (N, C)
-    broadcast along ``axis``); ``out`` is allocated when None."""
+    broadcast along ``axis``); ``out`` is allocated when None, and so is ``scratch`` (at least
+    ``_SCRATCH`` elements of the accumulation dtype) when a half-precision stack needs one."""
     acc = accumulation_dtype(stack.dtype)
     w = w.to(acc)
     if out is None:
         out = torch.empty(stack.shape[1:], dtype=acc, device=stack.device)
     if axis is None:
-        _weighted_rows(out.view(-1), stack.view(stack.shape[0], -1), w, offset)
+        _weighted_rows(out.view(-1), stack.view(stack.shape[0], -1), w, offset, scratch)
     else:
         if offset is None:
             out.zero_()
@@ -149,9 +155,15 @@ def mix_into(
     return out
 
 
-def mix_weight_grad(stack: torch.Tensor, axis: int | None, grad: torch.Tensor) -> torch.Tensor:
+def mix_weight_grad(
+    stack: torch.Tensor,
+    axis: int | None,
+    grad: torch.Tensor,
+    scratch: torch.Tensor | None = None,
+) -> torch.Tensor:
     """``dL/dw`` of :func:`mix_into` for ``grad = dL/dout``: (N,), or (N, C) along ``axis``;
-    in the accumulation dtype. Reads the stack once (half stacks in float32 chunks)."""
+    in the accumulation dtype. Reads the stack once (half stacks in float32 chunks, converted
+    into ``scratch`` when given)."""
     acc = accumulation_dtype(stack.dtype)
     grad = grad.to(acc)
     if axis is None:
@@ -159,7 +171,7 @@ def mix_weight_grad(stack: torch.Tensor, axis: int | None, grad: torch.Tensor) -
         if stack.dtype == acc:
             return torch.mv(flat, g)
         total = torch.zeros(flat.shape[0], dtype=acc, device=stack.device)
-        for part, start, stop in _upcast_chunks(flat, acc):
+        for part, start, stop in _upcast_chunks(flat, acc, scratch):
             total += torch.mv(part, g[start:stop])
         return total
     dims = [d for d in range(grad.dim()) if d != axis]
@@ -172,7 +184,11 @@ def mix_weight_grad(stack: torch.Tensor, axis: int | None, grad: torch.Tensor) -
 
 
 def _weighted_rows(
-    out: torch.Tensor, flat: torch.Tensor, w: torch.Tensor, offset: torch.Tensor | None
+    out: torch.Tensor,
+    flat: torch.Tensor,
+    w: torch.Tensor,
+    offset: torch.Tensor | None,
+    scratch: torch.Tensor | None = None,
 ) -> None:
     """out = offset + sum_j w[j] * flat[j], row by row (one pass over each candidate; faster
     here than mv on the (P, N) transpose; the weights stay tensors, so no device
@@ -180,10 +196,12 @@ def _weighted_rows(
     float32 buffer; full-precision rows go whole (smaller chunks cost more in per-operation
     thread wake-ups than they save in cache traffic: measured on 2 threads)."""
     count, total = flat.shape
-    width, scratch = max(total, 1), None  # (an empty tensor: one empty chunk, not a 0 step)
-    if flat.dtype != out.dtype:
+    width = max(total, 1)  # (an empty tensor: one empty chunk, not a 0 step)
+    if flat.dtype == out.dtype:
+        scratch = None
+    else:
         width = max(min(_SCRATCH, total), 1)
-        scratch = torch.empty(width, dtype=out.dtype, device=flat.device)
+        scratch = _scratch(scratch, width, out.dtype, flat.device)
     for start in range(0, total, width):
         stop = min(start + width, total)
         segment = out[start:stop]
@@ -199,18 +217,28 @@ def _weighted_rows(
                 segment.copy_(offset.reshape(-1)[start:stop]).addcmul_(row, w[0])
 
 
-def _upcast_chunks(flat: torch.Tensor, acc: torch.dtype):
+def _upcast_chunks(flat: torch.Tensor, acc: torch.dtype, scratch: torch.Tensor | None = None):
     """(chunk in ``acc``, start, stop) over the columns of ``flat`` (N, P), converted into one
     reused scratch buffer: no allocation per chunk, so a half-precision stack's steps do not
     fragment the heap, and the float32 copy never exceeds ``_SCRATCH`` elements."""
     count, total = flat.shape
     width = max(1, _SCRATCH // count)
-    scratch = torch.empty((count, min(width, total)), dtype=acc, device=flat.device)
+    cols = min(width, total)
+    buf = _scratch(scratch, count * cols, acc, flat.device).view(count, cols)
     for start in range(0, total, width):
         stop = min(start + width, total)
-        part = scratch[:, : stop - start]
+        part = buf[:, : stop - start]
         part.copy_(flat[:, start:stop])
         yield part, start, stop
+
+
+def _scratch(
+    given: torch.Tensor | None, size: int, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    """The first ``size`` elements of ``given`` when it is big enough, else a new buffer."""
+    if given is not None and given.numel() >= size and given.dtype == dtype:
+        return given[:size]
+    return torch.empty(size, dtype=dtype, device=device)
 
 
 def _along(w: torch.Tensor, axis: int, ndim: int) -> torch.Tensor:
@@ -273,6 +301,7 @@ class CandidateStack:
         self.buffers: dict[str, torch.Tensor] = {}
         self.offset: dict[str, torch.Tensor] = {}
         self._outputs: dict[str, torch.Tensor] = {}
+        self._conversion: torch.Tensor | None = None
         names_iter: Iterable[str] = tqdm(
             self.names, desc="stacking", disable=not progress, leave=False
         )
@@ -380,7 +409,9 @@ class CandidateStack:
                 continue
             buffer = self._output(name) if reuse else None
             offset = self.offset.get(name)
-            theta = _StackedMix.apply(w, self.buffers[name], axis, offset, buffer)
+            stack = self.buffers[name]
+            scratch = self._scratch() if stack.dtype != accumulation_dtype(stack.dtype) else None
+            theta = _StackedMix.apply(w, stack, axis, offset, buffer, scratch)
             want = (dtypes or {}).get(name)
             out[name] = theta if want is None or want == theta.dtype else theta.to(want)
         return out
@@ -392,6 +423,15 @@ class CandidateStack:
             self._outputs[name] = torch.empty(buf.shape[1:], dtype=acc, device=buf.device)
         return self._outputs[name]
 
+    def _scratch(self) -> torch.Tensor:
+        """The float32 buffer half-precision rows are converted into (``_SCRATCH`` elements,
+        kept until :meth:`release_outputs`)."""
+        if self._conversion is None:
+            self._conversion = torch.empty(_SCRATCH, dtype=torch.float32, device=self.device)
+        return self._conversion
+
     def release_outputs(self) -> None:
-        """Drop the reused output buffers of training steps (one merged copy's worth)."""
+        """Drop the reused output buffers of training steps (one merged copy's worth) and the
+        conversion buffer."""
         self._outputs = {}
+        self._conversion = None

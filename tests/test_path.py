@@ -105,7 +105,7 @@ def test_warm_starts_continue_the_gates_and_open_gates_only_fall(pool, digits) -
     original = FitLoop.run
 
     def spy(loop: FitLoop, batches):  # the gates each stage starts from
-        starts.append(loop.problem.gates.log_alpha.detach().clone())  # type: ignore[attr-defined]
+        starts.append(loop.problem.merger.gates.log_alpha.detach().clone())  # type: ignore[attr-defined]
         return original(loop, batches)
 
     with pytest.MonkeyPatch.context() as mp:

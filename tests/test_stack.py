@@ -34,7 +34,9 @@ def test_mix_and_its_gradient_match_autograd(
     offset = torch.randn(12, 37, generator=gen) if with_offset else None
     shape = (3,) if axis is None else (3, 12)
     w = torch.rand(shape, generator=gen, requires_grad=True)
-    out = st._StackedMix.apply(w, rows, axis, offset, None)
+    # A conversion buffer of the stack's kind (garbage from earlier use: it must not leak in).
+    scratch = torch.full((64,), float("nan"))
+    out = st._StackedMix.apply(w, rows, axis, offset, None, scratch)
     assert out.dtype == torch.float32
     # float32 accumulation of the exact (float64) product: float32 tolerances
     torch.testing.assert_close(out, _reference(w.detach(), rows, axis, offset).float())
@@ -60,3 +62,30 @@ def test_an_empty_tensor_mixes_to_an_empty_tensor(dtype: torch.dtype) -> None:
     rows = torch.empty(3, 0, 4, dtype=dtype)
     out = st.mix_into(torch.tensor([0.2, 0.3, 0.5]), rows, None, None)
     assert out.shape == (0, 4) and out.dtype == torch.float32
+
+
+def test_a_half_precision_stack_converts_into_one_kept_buffer() -> None:
+    """A bf16 stack's rows are converted into one float32 buffer that every tensor and step
+    reuses (no 8 MiB allocation per tensor and step to fragment the heap), dropped with the
+    step buffers; the merge matches the float32 stack's to bf16 rounding."""
+    from softmerge import MergePlan, SoftMerger
+    from softmerge.zoo import MLP
+
+    torch.manual_seed(0)
+    states = [MLP(16, (32,), 4).state_dict() for _ in range(3)]
+    half = SoftMerger(
+        MLP(16, (32,), 4), states, MergePlan(granularity="tensor"), storage_dtype="bfloat16"
+    )
+    full = SoftMerger(MLP(16, (32,), 4), states, MergePlan(granularity="tensor"))
+    z = torch.rand(half.gates.shape, generator=torch.Generator().manual_seed(1))
+    half.merged_parameters(z, reuse=True)
+    kept = half.stack._conversion
+    assert kept is not None and kept.dtype == torch.float32 and kept.numel() == st._SCRATCH
+    again = half.merged_parameters(z, reuse=True)
+    assert half.stack._conversion is kept
+    reference = full.merged_parameters(z)
+    for name, value in again.items():
+        torch.testing.assert_close(value, reference[name], rtol=1e-2, atol=1e-2)
+    half.stack.release_outputs()
+    assert half.stack._conversion is None
+    assert full.stack._conversion is None  # a float32 stack never needs one

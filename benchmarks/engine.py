@@ -371,27 +371,64 @@ def run_step(threads: int, rounds: int) -> list[dict[str, Any]]:
                 for b in buffers:
                     b.sum()
 
+        forward, backward = _merge_passes(merger)
         steps[f"gate_{dtype}"] = gate
         floors[dtype] = floor
         steps[f"floor_{dtype}"] = floor
-    times = _interleaved(steps, rounds)
+        steps[f"forward_{dtype}"] = forward
+        steps[f"backward_{dtype}"] = backward
+    # The plain step alone moves by 15 % from one measurement to the next on this machine
+    # (page faults of its fresh gradients, other tenants' memory traffic): the section repeats
+    # the whole interleaved measurement and judges the median repeat.
+    repeats = [_interleaved(steps, rounds) for _ in range(max(1, ARGS.step_repeats))]
     rows = []
     for dtype in ("float32", "bfloat16"):
-        plain_ms, gate_ms = times["plain"] * 1e3, times[f"gate_{dtype}"] * 1e3
-        floor_ms = times[f"floor_{dtype}"] * 1e3
-        rows.append(
-            {
-                "storage": dtype,
-                "threads": threads,
-                "plain_ms": plain_ms,
-                "gate_ms": gate_ms,
-                "floor_ms": floor_ms,
-                "overhead_ms": gate_ms - plain_ms,
-                "overhead_over_floor": (gate_ms - plain_ms) / floor_ms,
-            }
-        )
-        print(f"step {dtype} {threads} thread(s): {rows[-1]}", flush=True)
+        each = [_step_row(times, dtype, threads) for times in repeats]
+        # The median repeat, whole (its columns add up); an odd count has one.
+        row = sorted(each, key=lambda r: r["overhead_over_floor"])[len(each) // 2]
+        row["repeats"] = [round(r["overhead_over_floor"], 2) for r in each]
+        rows.append(row)
+        print(f"step {dtype} {threads} thread(s): {row}", flush=True)
     return rows
+
+
+def _step_row(times: dict[str, float], dtype: str, threads: int) -> dict[str, Any]:
+    plain_ms, gate_ms = times["plain"] * 1e3, times[f"gate_{dtype}"] * 1e3
+    floor_ms = times[f"floor_{dtype}"] * 1e3
+    return {
+        "forward_ms": times[f"forward_{dtype}"] * 1e3,
+        "backward_ms": times[f"backward_{dtype}"] * 1e3,
+        "storage": dtype,
+        "threads": threads,
+        "plain_ms": plain_ms,
+        "gate_ms": gate_ms,
+        "floor_ms": floor_ms,
+        "overhead_ms": gate_ms - plain_ms,
+        "overhead_over_floor": (gate_ms - plain_ms) / floor_ms,
+    }
+
+
+def _merge_passes(merger: Any) -> tuple[Any, Any]:
+    """The merge product's two passes alone, as a gate step runs them (``softmerge.stack``):
+    forward into the step buffers, backward from a fixed upstream gradient."""
+    from softmerge import stack as st
+
+    stack = merger.stack
+    gen = torch.Generator().manual_seed(1)
+    w = torch.rand(stack.count, generator=gen)
+    outs = {n: torch.empty(b.shape[1:]) for n, b in stack.buffers.items()}
+    grads = {n: torch.randn(b.shape[1:], generator=gen) for n, b in stack.buffers.items()}
+    scratch = torch.empty(st._SCRATCH)
+
+    def forward() -> None:
+        for name, buf in stack.buffers.items():
+            st.mix_into(w, buf, None, stack.offset.get(name), outs[name], scratch)
+
+    def backward() -> None:
+        for name, buf in stack.buffers.items():
+            st.mix_weight_grad(buf, None, grads[name], scratch)
+
+    return forward, backward
 
 
 def _interleaved(steps: dict[str, Any], rounds: int, per_round: int = 5) -> dict[str, float]:
@@ -730,17 +767,55 @@ def write_page(results: dict[str, Any], docs: Path) -> Path:
                 "overhead (ms)": round(r["overhead_ms"], 1),
                 "floor (ms)": round(r["floor_ms"], 1),
                 "overhead / floor": round(r["overhead_over_floor"], 2),
+                **(
+                    {
+                        "merge forward alone (ms)": round(r["forward_ms"], 1),
+                        "merge backward alone (ms)": round(r["backward_ms"], 1),
+                    }
+                    if "forward_ms" in r
+                    else {}
+                ),
             }
             for r in step
         ]
         lines += [format_markdown_table(table), ""]
         for r in step:
             verdict = "meets" if r["overhead_over_floor"] <= 1.25 else "misses"
+            passes = ""
+            if "forward_ms" in r:
+                both = r["forward_ms"] + r["backward_ms"]
+                passes = (
+                    f" The merge's two passes alone take {both:.1f} ms "
+                    f"({both / r['floor_ms']:.2f}× the floor: forward "
+                    f"{r['forward_ms']:.1f}, backward {r['backward_ms']:.1f})."
+                )
+            spread = ""
+            if len(r.get("repeats", [])) > 1:
+                spread = (
+                    f" (median of {len(r['repeats'])} repeats: {', '.join(map(str, r['repeats']))})"
+                )
             lines.append(
                 f"- {r['storage']} stack, {r['threads']} thread(s): overhead "
-                f"{r['overhead_over_floor']:.2f}× the floor — {verdict} the ≤ 1.25× target."
+                f"{r['overhead_over_floor']:.2f}× the floor{spread} — {verdict} the ≤ 1.25× "
+                f"target.{passes}"
             )
-        lines.append("")
+        lines += [
+            "",
+            "The floor reads the stack with `sum`, the fastest reduction torch has here. The "
+            "merge's passes are a multiply-add per candidate row (forward) and a "
+            "matrix-vector product (backward); on this CPU each pass over a float32 stack "
+            "takes about as long as the whole floor, i.e. it moves the stack's bytes at about "
+            "half the rate `sum` reads them (a bfloat16 stack, converted to float32 chunk by "
+            "chunk, about twice its own floor per pass). `benchmarks/mix_kernels.py` times the "
+            "alternatives (chunks of 256K and 2M elements, BLAS, one dot per row, "
+            "`torch.compile`) against the same floor: none brings the two passes together "
+            "below about 2× the floor. A gate step does both passes but skips the plain step's "
+            "optimizer update (SGD with momentum reads and writes every weight): that is what "
+            "brings the measured overhead below the passes' sum. The plain step itself moves "
+            "by about 15 % between repeats, as much as the ratio's margin to the target: the "
+            "verdict is the median repeat's.",
+            "",
+        ]
     dist = results.get("dist")
     if dist:
         lines += _dist_section(dist, meta.get("dist_steps", 0))
@@ -879,6 +954,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--fit-steps", type=int, default=10)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument(
+        "--step-repeats", type=int, default=5, help="repeats of the step timing (odd: a median)"
+    )
     parser.add_argument("--static-rounds", type=int, default=3)
     parser.add_argument("--dist-steps", type=int, default=30, help="timed steps per launch")
     parser.add_argument("--dist-rounds", type=int, default=3, help="launches per configuration")

@@ -952,8 +952,7 @@ def auto_vs_default(res: Results) -> tuple[str, list[str]]:
             f"loss within {100 * tol:g} % of the default's; the test split, which auto never "
             f"sees, judges), auto is sparser on {seeds_taken} of {seeds_allowed} seeds"
         )
-    held = [c["l0_choice"].get("held_back") for c in choices]
-    held = [h for h in held if h is not None]
+    held = [_held_back(c) for c in choices if c.get("path")]
     if held:
         lines.append(
             f"the confidence condition held back a sparser point that was within the tolerance "
@@ -961,6 +960,22 @@ def auto_vs_default(res: Results) -> tuple[str, list[str]]:
         )
     table = md_table(header, rows, "ll" + "r" * (len(header) - 2)) if rows else ""
     return table, lines
+
+
+def _held_back(rec: dict) -> int:
+    """Points of ``rec``'s path sparser than its choice whose held-out (and learning) loss is
+    within the choice's limits: what only the confidence condition kept auto from taking."""
+    choice, points = rec["l0_choice"], rec["path"]
+    if "limit" not in choice:
+        return 0
+    chosen = points[choice["index"]]["used_per_unit"]
+    learn_limit = choice.get("learn_limit", math.inf)
+    return sum(
+        p["used_per_unit"] < chosen
+        and (p.get("held_out_loss") or math.inf) <= choice["limit"]
+        and (p.get("learn_loss") or math.inf) <= learn_limit
+        for p in points
+    )
 
 
 def _path_allows_sparser(default: dict, auto: dict, tol: float) -> bool:

@@ -609,8 +609,12 @@ def choose(
         "tolerance": tolerance,
         "confidence": confidence,
         "gap_se": errors[index],
-        # Within the tolerance on their mean gap, but not with the confidence asked for.
-        "held_back": len(within) - len(allowed),
+        # Sparser points within the tolerance on their mean gap, not with the confidence.
+        "held_back": sum(
+            points[k].used_per_unit < points[index].used_per_unit
+            for k in within
+            if k not in allowed
+        ),
         "selected_on": on,
     }
 

@@ -89,3 +89,38 @@ def test_a_half_precision_stack_converts_into_one_kept_buffer() -> None:
     half.stack.release_outputs()
     assert half.stack._conversion is None
     assert full.stack._conversion is None  # a float32 stack never needs one
+
+
+@pytest.mark.parametrize("storage", [None, "bfloat16"])
+def test_leaf_merge_gives_the_gate_gradients_of_plain_autograd(storage: str | None) -> None:
+    """A training step's merge through leaves (each tensor's gradient turned into dL/dw as
+    soon as it exists, then sent on into the gates' graph) gives the gates the gradients
+    plain autograd through the merge gives them, and leaves no gradient on the tensors."""
+    from softmerge import MergePlan, SoftMerger
+    from softmerge.zoo import MLP
+
+    torch.manual_seed(0)
+    states = [MLP(16, (32,), 4).state_dict() for _ in range(3)]
+    merger = SoftMerger(
+        MLP(16, (32,), 4), states, MergePlan(granularity="tensor"), storage_dtype=storage
+    )
+    x = torch.randn(8, 16, generator=torch.Generator().manual_seed(1))
+    y = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3])
+    grads = []
+    for leaves in (False, True):
+        merger.gates.zero_grad(set_to_none=True)
+        z = merger.gates.sample(torch.Generator().manual_seed(2))
+        pending = None
+        if leaves:
+            merged, pending = merger.merged_leaves(z)
+        else:
+            merged = merger.merged_parameters(z)
+        logits, _ = merger.forward(merger.functional_state(merged), (x, y))
+        torch.nn.functional.cross_entropy(logits, y).backward()
+        if pending is not None:
+            pending.backward()
+            assert all(t.grad is None for t in merged.values())
+        grads.append([p.grad.clone() for p in merger.gate_parameters])
+    for plain, leaf in zip(*grads, strict=True):
+        torch.testing.assert_close(leaf, plain, rtol=1e-5, atol=1e-7)
+        assert plain.abs().sum() > 0

@@ -209,6 +209,16 @@ class SoftMerger:
         weights, axes = self.slot_weights(z)
         return self.stack.mix(weights, axes, self._dtypes, reuse=reuse)
 
+    def merged_leaves(self, z: torch.Tensor) -> tuple[dict[str, torch.Tensor], Any]:
+        """:meth:`merged_parameters` for a training step, each merged tensor a leaf whose
+        gradient is turned into ``dL/dw`` as soon as it exists (``CandidateStack.mix_leaves``);
+        call the returned object's ``backward()`` after the loss's. None instead of it when
+        the stack cannot (a sharded stack's merge is collective): plain autograd then."""
+        weights, axes = self.slot_weights(z)
+        if self._sharded:
+            return self.stack.mix(weights, axes, self._dtypes, reuse=True), None
+        return self.stack.mix_leaves(weights, axes, self._dtypes)
+
     def slot_weights(
         self, z: torch.Tensor
     ) -> tuple[dict[str, torch.Tensor], dict[str, int | None]]:

@@ -10,7 +10,10 @@ merging, learned soup, AdaMerging) works from.
 any weights ``w`` (one per candidate, or one per candidate and output channel). It is a custom
 autograd function: its backward reads the stack once more to get ``dL/dw`` and saves nothing
 but ``w``, and bf16/fp16 stacks are converted to float32 chunk by chunk, so a half-precision
-stack never has a float32 twin.
+stack never has a float32 twin. :meth:`CandidateStack.mix_leaves` is the same product for a
+training step with each merged tensor a leaf of the step's graph: its gradient becomes
+``dL/dw`` the moment autograd has it, so the model's backward holds one weight gradient at a
+time (the largest one is the floor of ``docs/performance.md``), not all of them.
 """
 
 from __future__ import annotations
@@ -275,6 +278,42 @@ class LowRank:
         return product.t() if self.transposed else product
 
 
+class PendingWeightGrads:
+    """``dL/dw`` of the leaves :meth:`CandidateStack.mix_leaves` made, gathered by their
+    gradient hooks; :meth:`backward` sends them on into the weights' own graph."""
+
+    def __init__(self) -> None:
+        self.weights: list[torch.Tensor] = []
+        self.grads: list[torch.Tensor | None] = []
+
+    def watch(
+        self,
+        leaf: torch.Tensor,
+        w: torch.Tensor,
+        stack: torch.Tensor,
+        axis: int | None,
+        scratch: torch.Tensor | None,
+    ) -> None:
+        slot = len(self.weights)
+        self.weights.append(w)
+        self.grads.append(None)
+
+        def take(t: torch.Tensor) -> None:
+            grad = mix_weight_grad(stack, axis, t.grad, scratch).to(w.dtype)
+            previous = self.grads[slot]
+            self.grads[slot] = grad if previous is None else previous + grad
+            t.grad = None  # the whole point: the tensor's gradient goes now
+
+        leaf.register_post_accumulate_grad_hook(take)
+
+    def backward(self) -> None:
+        """Accumulate the gathered ``dL/dw`` into the weights' graph (once)."""
+        pairs = [(w, g) for w, g in zip(self.weights, self.grads, strict=True) if g is not None]
+        self.weights, self.grads = [], []
+        if pairs:
+            torch.autograd.backward([w for w, _ in pairs], [g for _, g in pairs])
+
+
 class CandidateStack:
     """Every merged tensor of N candidates in one ``(N, *shape)`` buffer each.
 
@@ -415,6 +454,37 @@ class CandidateStack:
             want = (dtypes or {}).get(name)
             out[name] = theta if want is None or want == theta.dtype else theta.to(want)
         return out
+
+    def mix_leaves(
+        self,
+        weights: Mapping[str, torch.Tensor],
+        axes: Mapping[str, int | None] | None = None,
+        dtypes: Mapping[str, torch.dtype] | None = None,
+    ) -> tuple[dict[str, torch.Tensor], PendingWeightGrads]:
+        """:meth:`mix` for a training step (into the reused buffers), with each stacked tensor
+        a leaf of the step's graph: the moment autograd has a tensor's gradient, a hook turns it
+        into ``dL/dw`` and frees it. Autograd runs the merge's own backward only after the
+        model's whole backward (its nodes were made first), so through :meth:`mix` every
+        weight's gradient is alive at once; here one at a time. The returned
+        :class:`PendingWeightGrads` carries the ``dL/dw`` on into the weights' graph after
+        the model's backward. LoRA factors go through ordinary autograd."""
+        pending = PendingWeightGrads()
+        lowrank = {n: w for n, w in weights.items() if n in self.lowrank}
+        out = self.mix(lowrank, axes, dtypes) if lowrank else {}
+        for name, w in weights.items():
+            if name in lowrank:
+                continue
+            stack, axis = self.buffers[name], (axes or {}).get(name)
+            scratch = self._scratch() if stack.dtype != accumulation_dtype(stack.dtype) else None
+            with torch.no_grad():
+                theta = mix_into(w, stack, axis, self.offset.get(name), self._output(name), scratch)
+                want = (dtypes or {}).get(name)
+                theta = theta if want is None or want == theta.dtype else theta.to(want)
+            leaf = theta.detach().requires_grad_(w.requires_grad)
+            if w.requires_grad:
+                pending.watch(leaf, w, stack, axis, scratch)
+            out[name] = leaf
+        return out, pending
 
     def _output(self, name: str) -> torch.Tensor:
         if name not in self._outputs:

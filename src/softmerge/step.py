@@ -16,7 +16,7 @@ gates learn.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -50,6 +50,8 @@ class GateStep:
         self.distributed_run = distributed_run
         # This rank's weight, logs and penalty of the current step (distributed runs).
         self._share: tuple[float, dict[str, float], float] = (0.0, {}, 0.0)
+        # The merge's dL/dw, gathered during the loss's backward, sent on in after_backward.
+        self._pending: Any = None
 
     def continued(self, l0_lambda: float) -> GateStep:
         """The same step at another λ, continuing this one's noise, with no warm-up."""
@@ -67,7 +69,8 @@ class GateStep:
     def loss(self, batch: Batch, step: int) -> tuple[torch.Tensor, dict[str, float]]:
         merger = self.merger
         z = merger.gates.sample(self.generator)
-        state = merger.functional_state(merger.merged_parameters(z, reuse=True), fresh_buffers=True)
+        merged, self._pending = merger.merged_leaves(z)
+        state = merger.functional_state(merged, fresh_buffers=True)
         penalty = self.l0_lambda * merger.l0_penalty()
         if self.distributed_run:
             return self._share_loss(state, batch, penalty)
@@ -101,6 +104,9 @@ class GateStep:
         logs.update(loss=task + penalty, task_loss=task)
 
     def after_backward(self, step: int) -> None:
+        if self._pending is not None:
+            self._pending.backward()
+            self._pending = None
         if step <= self.warmup:
             # Warm-up: only whole candidates are judged, on the evidence of every unit at once.
             self.merger.gates.log_alpha.grad = None

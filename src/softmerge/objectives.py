@@ -160,11 +160,7 @@ class CausalLM(Objective):
     def _summed(self, logits: torch.Tensor, batch: SplitBatch) -> tuple[torch.Tensor, int]:
         targets = self._targets(logits, batch)
         count = int((targets != IGNORE_INDEX).sum())
-        if count == 0:
-            raise DataError(
-                "a batch has no token to predict: every label is -100 (or masked out); "
-                "check the data's labels and attention_mask"
-            )
+        _require_tokens(count)
         flat = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
         loss = F.cross_entropy(
             flat, targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
@@ -187,16 +183,24 @@ class CausalLM(Objective):
         self, logits: torch.Tensor, batch: SplitBatch
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Per sequence: its summed token losses and its predicted tokens."""
-        self._summed(logits, batch)  # the same checks (a batch with no token to predict)
         targets = self._targets(logits, batch)
+        counts = (targets != IGNORE_INDEX).sum(1)
+        _require_tokens(int(counts.sum()))
         per_token = F.cross_entropy(
             logits[:, :-1].float().transpose(1, 2),
             targets,
             ignore_index=IGNORE_INDEX,
             reduction="none",
         ).detach()
-        counts = (targets != IGNORE_INDEX).sum(1)
         return per_token.sum(1).double().cpu(), counts.double().cpu()
+
+
+def _require_tokens(count: int) -> None:
+    if count == 0:
+        raise DataError(
+            "a batch has no token to predict: every label is -100 (or masked out); "
+            "check the data's labels and attention_mask"
+        )
 
 
 class Entropy(Objective):

@@ -244,6 +244,11 @@ def _scratch(
     return torch.empty(size, dtype=dtype, device=device)
 
 
+def _cast(theta: torch.Tensor, want: torch.dtype | None) -> torch.Tensor:
+    """``theta`` in the dtype the model wants (unchanged when it wants none or has it)."""
+    return theta if want is None or want == theta.dtype else theta.to(want)
+
+
 def _along(w: torch.Tensor, axis: int, ndim: int) -> torch.Tensor:
     """``w`` (C,) shaped to broadcast along dimension ``axis`` of an ``ndim`` tensor."""
     shape = [1] * ndim
@@ -443,16 +448,14 @@ class CandidateStack:
             axis = (axes or {}).get(name)
             if name in self.lowrank:
                 theta = self.offset[name].float() + self.lowrank[name].delta(w, axis)
-                want = (dtypes or {}).get(name)
-                out[name] = theta if want is None or want == theta.dtype else theta.to(want)
+                out[name] = _cast(theta, (dtypes or {}).get(name))
                 continue
             buffer = self._output(name) if reuse else None
             offset = self.offset.get(name)
             stack = self.buffers[name]
-            scratch = self._scratch() if stack.dtype != accumulation_dtype(stack.dtype) else None
+            scratch = self._scratch_for(stack)
             theta = _StackedMix.apply(w, stack, axis, offset, buffer, scratch)
-            want = (dtypes or {}).get(name)
-            out[name] = theta if want is None or want == theta.dtype else theta.to(want)
+            out[name] = _cast(theta, (dtypes or {}).get(name))
         return out
 
     def mix_leaves(
@@ -475,11 +478,10 @@ class CandidateStack:
             if name in lowrank:
                 continue
             stack, axis = self.buffers[name], (axes or {}).get(name)
-            scratch = self._scratch() if stack.dtype != accumulation_dtype(stack.dtype) else None
+            scratch = self._scratch_for(stack)
             with torch.no_grad():
                 theta = mix_into(w, stack, axis, self.offset.get(name), self._output(name), scratch)
-                want = (dtypes or {}).get(name)
-                theta = theta if want is None or want == theta.dtype else theta.to(want)
+                theta = _cast(theta, (dtypes or {}).get(name))
             leaf = theta.detach().requires_grad_(w.requires_grad)
             if w.requires_grad:
                 pending.watch(leaf, w, stack, axis, scratch)
@@ -493,9 +495,11 @@ class CandidateStack:
             self._outputs[name] = torch.empty(buf.shape[1:], dtype=acc, device=buf.device)
         return self._outputs[name]
 
-    def _scratch(self) -> torch.Tensor:
-        """The float32 buffer half-precision rows are converted into (``_SCRATCH`` elements,
-        kept until :meth:`release_outputs`)."""
+    def _scratch_for(self, stack: torch.Tensor) -> torch.Tensor | None:
+        """The float32 buffer ``stack``'s rows are converted into when it is half-precision
+        (``_SCRATCH`` elements, kept until :meth:`release_outputs`); None otherwise."""
+        if stack.dtype == accumulation_dtype(stack.dtype):
+            return None
         if self._conversion is None:
             self._conversion = torch.empty(_SCRATCH, dtype=torch.float32, device=self.device)
         return self._conversion

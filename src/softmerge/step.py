@@ -16,7 +16,7 @@ gates learn.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -26,6 +26,7 @@ from .batches import Batch
 
 if TYPE_CHECKING:
     from .soft import SoftMerger
+    from .stack import PendingWeightGrads
 
 
 class GateStep:
@@ -51,7 +52,7 @@ class GateStep:
         # This rank's weight, logs and penalty of the current step (distributed runs).
         self._share: tuple[float, dict[str, float], float] = (0.0, {}, 0.0)
         # The merge's dL/dw, gathered during the loss's backward, sent on in after_backward.
-        self._pending: Any = None
+        self._pending: PendingWeightGrads | None = None
 
     def continued(self, l0_lambda: float) -> GateStep:
         """The same step at another λ, continuing this one's noise, with no warm-up."""

@@ -157,27 +157,36 @@ def run_memory(
     work: Path, sizes: list[str], counts: list[int], steps: int, repeats: int = 1
 ) -> list[dict]:
     """One fresh process per size, N and dtype, ``repeats`` times each: the row is the median
-    run (a peak moves by a few MiB from run to run with the C heap's layout)."""
+    run (a peak moves by a few MiB from run to run with the C heap's layout). The target
+    points (M, N=5) run once more with ``SOFTMERGE_MMAP_THRESHOLD=off`` (glibc's dynamic
+    threshold, as before softmerge pinned it): rows with ``heap: "glibc default"``."""
     rows = []
-    for size in sizes:
-        for count in counts:
-            for dtype in ("float32", "bfloat16"):
-                argv = [sys.executable, __file__, "_memory", size, str(count), dtype, str(steps)]
-                argv += ["--out", str(work)]
-                runs = []
-                for _ in range(max(1, repeats)):
-                    done = subprocess.run(argv, capture_output=True, text=True, check=False)
-                    if done.returncode != 0:
-                        raise RuntimeError(f"memory run {size} N={count} {dtype}: {done.stderr}")
-                    runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
-                row = sorted(runs, key=lambda r: r["peak_ratio"])[len(runs) // 2]
-                row["repeats"] = [round(r["peak_ratio"], 3) for r in runs]
-                print(
-                    f"memory {size} N={count} {dtype}: peak {row['peak_ratio']:.2f}x "
-                    f"(floor {row['floor_ratio']:.2f}x)",
-                    flush=True,
-                )
-                rows.append(row)
+    points = [(s, c, d) for s in sizes for c in counts for d in ("float32", "bfloat16")]
+    controls = [(s, c, d) for s, c, d in points if (s, c) == ("M", 5)]
+    for (size, count, dtype), heap in [
+        *((p, "pinned") for p in points),
+        *((p, "glibc default") for p in controls),
+    ]:
+        argv = [sys.executable, __file__, "_memory", size, str(count), dtype, str(steps)]
+        argv += ["--out", str(work)]
+        env = dict(os.environ)
+        if heap != "pinned":
+            env["SOFTMERGE_MMAP_THRESHOLD"] = "off"
+        runs = []
+        for _ in range(max(1, repeats)):
+            done = subprocess.run(argv, capture_output=True, text=True, check=False, env=env)
+            if done.returncode != 0:
+                raise RuntimeError(f"memory run {size} N={count} {dtype}: {done.stderr}")
+            runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        row = sorted(runs, key=lambda r: r["peak_ratio"])[len(runs) // 2]
+        row["repeats"] = [round(r["peak_ratio"], 3) for r in runs]
+        row["heap"] = heap
+        print(
+            f"memory {size} N={count} {dtype} ({heap}): peak {row['peak_ratio']:.2f}x "
+            f"(floor {row['floor_ratio']:.2f}x)",
+            flush=True,
+        )
+        rows.append(row)
     return rows
 
 
@@ -343,6 +352,7 @@ def run_step(threads: int, rounds: int) -> list[dict[str, Any]]:
 
     from softmerge import FitConfig, MergePlan, SoftMerger
     from softmerge.evaluation import set_gate_training_mode
+    from softmerge.fused import FusedMerge
 
     torch.set_num_threads(threads)
     work_paths = None
@@ -359,19 +369,28 @@ def run_step(threads: int, rounds: int) -> list[dict[str, Any]]:
         loss.item()
 
     steps: dict[str, Any] = {"plain": plain}
-    floors: dict[str, Any] = {}
+    variants = [(d, k) for d in ("float32", "bfloat16") for k in ("eager", "compiled")]
     for dtype in ("float32", "bfloat16"):
         work_paths = candidate_files(ARGS.out, "M", 5)
         merger = SoftMerger(
             _mlp("M"), work_paths, MergePlan(granularity="tensor"), storage_dtype=dtype
         )
-        loop = merger.make_loop([(x, y)], FitConfig(progress=False, warmup=0.0))
+        cfg = FitConfig(progress=False, warmup=0.0, compile_merge=False)
+        loop = merger.make_loop([(x, y)], cfg)
         set_gate_training_mode(merger.model)
+        # One stack for both kernels: each step says which (compile_merge: true's kernels).
+        compiled = FusedMerge(required=True)
+        for kernels, fused in (("eager", None), ("compiled", compiled)):
 
-        def gate(loop=loop) -> None:
-            loop.step += 1
-            loop.train_step((x, y))
+            def gate(loop=loop, stack=merger.stack, fused=fused) -> None:
+                stack.fused = fused
+                loop.step += 1
+                loop.train_step((x, y))
 
+            forward, backward = _merge_passes(merger, fused)
+            steps[f"gate_{dtype}_{kernels}"] = gate
+            steps[f"forward_{dtype}_{kernels}"] = forward
+            steps[f"backward_{dtype}_{kernels}"] = backward
         buffers = list(merger.stack.buffers.values())
 
         def floor(buffers=buffers) -> None:
@@ -379,34 +398,38 @@ def run_step(threads: int, rounds: int) -> list[dict[str, Any]]:
                 for b in buffers:
                     b.sum()
 
-        forward, backward = _merge_passes(merger)
-        steps[f"gate_{dtype}"] = gate
-        floors[dtype] = floor
         steps[f"floor_{dtype}"] = floor
-        steps[f"forward_{dtype}"] = forward
-        steps[f"backward_{dtype}"] = backward
+    # The first compiled step compiles (inductor's on-disk cache, if warm, shortens it).
+    first_ms = {}
+    for dtype in ("float32", "bfloat16"):
+        start = time.perf_counter()
+        steps[f"gate_{dtype}_compiled"]()
+        first_ms[dtype] = (time.perf_counter() - start) * 1e3
     # The plain step alone moves by 15 % from one measurement to the next on this machine
     # (page faults of its fresh gradients, other tenants' memory traffic): the section repeats
     # the whole interleaved measurement and judges the median repeat.
     repeats = [_interleaved(steps, rounds) for _ in range(max(1, ARGS.step_repeats))]
     rows = []
-    for dtype in ("float32", "bfloat16"):
-        each = [_step_row(times, dtype, threads) for times in repeats]
+    for dtype, kernels in variants:
+        each = [_step_row(times, dtype, kernels, threads) for times in repeats]
         # The median repeat, whole (its columns add up); an odd count has one.
         row = sorted(each, key=lambda r: r["overhead_over_floor"])[len(each) // 2]
         row["repeats"] = [round(r["overhead_over_floor"], 2) for r in each]
+        if kernels == "compiled":
+            row["first_step_ms"] = first_ms[dtype]
         rows.append(row)
-        print(f"step {dtype} {threads} thread(s): {row}", flush=True)
+        print(f"step {dtype} {kernels} {threads} thread(s): {row}", flush=True)
     return rows
 
 
-def _step_row(times: dict[str, float], dtype: str, threads: int) -> dict[str, Any]:
-    plain_ms, gate_ms = times["plain"] * 1e3, times[f"gate_{dtype}"] * 1e3
+def _step_row(times: dict[str, float], dtype: str, kernels: str, threads: int) -> dict[str, Any]:
+    plain_ms, gate_ms = times["plain"] * 1e3, times[f"gate_{dtype}_{kernels}"] * 1e3
     floor_ms = times[f"floor_{dtype}"] * 1e3
     return {
-        "forward_ms": times[f"forward_{dtype}"] * 1e3,
-        "backward_ms": times[f"backward_{dtype}"] * 1e3,
+        "forward_ms": times[f"forward_{dtype}_{kernels}"] * 1e3,
+        "backward_ms": times[f"backward_{dtype}_{kernels}"] * 1e3,
         "storage": dtype,
+        "kernels": kernels,
         "threads": threads,
         "plain_ms": plain_ms,
         "gate_ms": gate_ms,
@@ -416,9 +439,10 @@ def _step_row(times: dict[str, float], dtype: str, threads: int) -> dict[str, An
     }
 
 
-def _merge_passes(merger: Any) -> tuple[Any, Any]:
-    """The merge product's two passes alone, as a gate step runs them (``softmerge.stack``):
-    forward into the step buffers, backward from a fixed upstream gradient."""
+def _merge_passes(merger: Any, fused: Any) -> tuple[Any, Any]:
+    """The merge product's two passes alone, as a gate step runs them (``softmerge.stack``,
+    or ``softmerge.fused`` when ``fused`` is given): forward into the step buffers, backward
+    from a fixed upstream gradient."""
     from softmerge import stack as st
 
     stack = merger.stack
@@ -430,11 +454,18 @@ def _merge_passes(merger: Any) -> tuple[Any, Any]:
 
     def forward() -> None:
         for name, buf in stack.buffers.items():
-            st.mix_into(w, buf, None, stack.offset.get(name), outs[name], scratch)
+            offset = stack.offset.get(name)
+            if fused is None or not fused.applies(buf, None):
+                st.mix_into(w, buf, None, offset, outs[name], scratch)
+            else:
+                fused.mix(w, buf, offset, outs[name])
 
     def backward() -> None:
         for name, buf in stack.buffers.items():
-            st.mix_weight_grad(buf, None, grads[name], scratch)
+            if fused is None or not fused.applies(buf, None):
+                st.mix_weight_grad(buf, None, grads[name], scratch)
+            else:
+                fused.weight_grad(buf, grads[name])
 
     return forward, backward
 
@@ -714,7 +745,9 @@ def write_page(results: dict[str, Any], docs: Path) -> Path:
         f"OMP_WAIT_POLICY={meta['omp_wait_policy']}, {meta['machine']}.",
         "",
     ]
-    mem = results.get("memory")
+    mem_all = results.get("memory") or []
+    mem = [r for r in mem_all if r.get("heap", "pinned") == "pinned"]
+    glibc = {r["storage"]: r for r in mem_all if r.get("heap") == "glibc default"}
     if mem:
         lines += [
             "## Memory of soft merging",
@@ -756,6 +789,20 @@ def write_page(results: dict[str, Any], docs: Path) -> Path:
                     f"- M, N=5, {r['storage']} stack: **{r['peak_ratio']:.2f}×** — {verdict} "
                     f"the ≤ {goal}× target (floor {r['floor_ratio']:.2f}×)."
                 )
+        if glibc:
+            lines += [
+                "",
+                "The rows above run with glibc's mmap threshold pinned at 4 MiB, as softmerge "
+                "sets it when a CPU stack is built (`softmerge.memory`). The same points with "
+                "glibc's dynamic threshold (`SOFTMERGE_MMAP_THRESHOLD=off`), in this run: "
+                + "; ".join(
+                    f"{dtype} **{r['peak_ratio']:.2f}×** (runs {', '.join(map(str, r['repeats']))})"
+                    for dtype, r in glibc.items()
+                )
+                + ". Freeing a mapped tensor raises that threshold to its size, so later "
+                "gradient-sized tensors come from the heap, where small blocks allocated after "
+                "them keep the heap from shrinking.",
+            ]
         lines += ["", "![memory](performance/memory.png)", ""]
     static = results.get("static")
     if static:
@@ -768,12 +815,16 @@ def write_page(results: dict[str, Any], docs: Path) -> Path:
             "18.9M-parameter MLP (512-4096-4096-10), N=5 candidates, batch 128, tensor gates; "
             "plain step = SGD step of the model itself. Floor = the time to read every byte of "
             "the stack twice (a merge must read it once forward and once backward), measured in "
-            "the same run. Target: gate step − plain step ≤ 1.25 × floor.",
+            "the same run. Target: gate step − plain step ≤ 1.25 × floor. Each stack runs "
+            "with the eager kernels (`fit.compile_merge: false`) and with the merge's passes "
+            "compiled (`compile_merge: true`, `softmerge.fused`; `auto`, the default, compiles "
+            "for stacks of 1 GiB or more and long enough fits).",
             "",
         ]
         table = [
             {
                 "stack": r["storage"],
+                "kernels": r.get("kernels", "eager"),
                 "threads": r["threads"],
                 "plain step (ms)": round(r["plain_ms"], 1),
                 "gate step (ms)": round(r["gate_ms"], 1),
@@ -807,26 +858,31 @@ def write_page(results: dict[str, Any], docs: Path) -> Path:
                 spread = (
                     f" (median of {len(r['repeats'])} repeats: {', '.join(map(str, r['repeats']))})"
                 )
+            first = ""
+            if "first_step_ms" in r:
+                first = f" Its first step, compiling, took {r['first_step_ms'] / 1e3:.1f} s."
             lines.append(
-                f"- {r['storage']} stack, {r['threads']} thread(s): overhead "
+                f"- {r['storage']} stack, {r.get('kernels', 'eager')} kernels, "
+                f"{r['threads']} thread(s): overhead "
                 f"{r['overhead_over_floor']:.2f}× the floor{spread} — {verdict} the ≤ 1.25× "
-                f"target.{passes}"
+                f"target.{passes}{first}"
             )
         lines += [
             "",
-            "The floor reads the stack with `sum`, the fastest reduction torch has here. The "
-            "merge's passes are a multiply-add per candidate row (forward) and a "
-            "matrix-vector product (backward); on this CPU each pass over a float32 stack "
-            "takes about as long as the whole floor, i.e. it moves the stack's bytes at about "
-            "half the rate `sum` reads them (a bfloat16 stack, converted to float32 chunk by "
-            "chunk, about twice its own floor per pass). `benchmarks/mix_kernels.py` times the "
-            "alternatives (chunks of 256K and 2M elements, BLAS, one dot per row, "
-            "`torch.compile`) against the same floor: none brings the two passes together "
-            "below about 2× the floor. A gate step does both passes but skips the plain step's "
-            "optimizer update (SGD with momentum reads and writes every weight): that is what "
-            "brings the measured overhead below the passes' sum. The plain step itself moves "
-            "by about 15 % between repeats, as much as the ratio's margin to the target: the "
-            "verdict is the median repeat's.",
+            "The floor reads the stack with `sum`, the fastest reduction torch has here. In "
+            "eager torch the merge's passes are a multiply-add per candidate row (forward: "
+            "each one a pass over the merged tensor) and a matrix-vector product (backward), "
+            "and a bfloat16 stack is first converted to float32 chunk by chunk: each pass "
+            "over a float32 stack takes about as long as the whole floor. Compiled "
+            "(`softmerge.fused`), each pass is one loop that reads every row once, converting "
+            "half-precision rows in registers, and writes its result once. A gate step does "
+            "both passes but skips the "
+            "plain step's optimizer update (SGD with momentum reads and writes every weight), "
+            "which is why the overhead can come out below the passes' sum. The plain step "
+            "itself moves by about 15 % between repeats: the verdict is the median repeat's. "
+            "Compiling adds about 150 MiB of resident memory (inductor's modules and kernels), "
+            "which is why `auto` leaves smaller stacks eager and the memory section runs "
+            "eager.",
             "",
         ]
     dist = results.get("dist")

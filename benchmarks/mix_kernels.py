@@ -11,14 +11,16 @@ kernel softmerge uses and with the alternatives, on the stack of the 18.9M-param
 the performance page (512-4096-4096-10, N = 5, seed 0), interleaved in rounds so load drift
 hits all of them; medians, in ms and as a multiple of the floor.
 
-- forward, rows (softmerge): ``out = w_0 * row_0``, then ``out += w_j * row_j`` per row;
+- forward, rows (softmerge's eager kernel): ``out = w_0 * row_0``, then
+  ``out += w_j * row_j`` per row;
 - forward, rows with Python scalars: the same with ``add_(alpha=...)``;
 - forward, chunks of K elements: all rows of one chunk before the next (``out`` stays in
   cache; one thread wake-up per operation under ``OMP_WAIT_POLICY=PASSIVE``);
 - forward, BLAS: ``w (1, N) @ stack (N, P)``;
-- backward, gemv (softmerge): ``stack (N, P) @ grad (P,)``; by chunks of K columns; one
-  ``dot`` per row;
-- ``--compile``: both passes as ``torch.compile`` kernels (inductor; a C++ compiler needed).
+- backward, gemv (softmerge's eager kernel): ``stack (N, P) @ grad (P,)``; by chunks of K
+  columns; one ``dot`` per row;
+- ``--compile``: both passes as softmerge's compiled kernels (``softmerge.fused``, what
+  ``fit.compile_merge`` turns on: inductor; a C++ compiler needed).
 """
 
 from __future__ import annotations
@@ -95,22 +97,25 @@ def kernels(compile_too: bool) -> dict[str, Callable[[], object]]:
 
     out: dict[str, Callable[[], object]] = {
         "floor: stack.sum() twice": floor,
-        "forward, rows (softmerge)": fwd_rows,
+        "forward, rows (softmerge, eager)": fwd_rows,
         "forward, rows, Python scalars": fwd_alpha,
         "forward, chunks of 256K": fwd_chunks(1 << 18),
         "forward, chunks of 2M": fwd_chunks(1 << 21),
         "forward, BLAS w @ stack": fwd_blas,
-        "backward, gemv (softmerge)": bwd_gemv,
+        "backward, gemv (softmerge, eager)": bwd_gemv,
         "backward, chunks of 256K": bwd_chunks(1 << 18),
         "backward, chunks of 2M": bwd_chunks(1 << 21),
         "backward, one dot per row": bwd_dots,
     }
     if compile_too:
-        mix = torch.compile(lambda w, st: (w[:, None] * st).sum(0), dynamic=True)
-        grad = torch.compile(lambda st, g: (st * g[None, :]).sum(1), dynamic=True)
-        out["forward, torch.compile"] = lambda: [mix(w, st) for st in stacks]
-        out["backward, torch.compile"] = lambda: [
-            grad(st, g) for st, g in zip(stacks, grads, strict=True)
+        from softmerge.fused import FusedMerge
+
+        fused = FusedMerge(required=True)
+        out["forward, compiled (softmerge.fused)"] = lambda: [
+            fused.mix(w, st, None, o) for st, o in zip(stacks, outs, strict=True)
+        ]
+        out["backward, compiled (softmerge.fused)"] = lambda: [
+            fused.weight_grad(st, g) for st, g in zip(stacks, grads, strict=True)
         ]
     return out
 

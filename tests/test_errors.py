@@ -315,6 +315,18 @@ def _config(change: Callable[[dict[str, Any]], None]) -> Callable[..., list[str]
     return setup
 
 
+def _environment(**values: str) -> Callable[..., list[str]]:
+    def setup(_: Path, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+        from softmerge import memory
+
+        monkeypatch.setattr(memory, "_applied", [])  # as in a fresh process
+        for key, value in values.items():
+            monkeypatch.setenv(key, value)
+        return []
+
+    return setup
+
+
 def _read_only_output(folder: Path, _: pytest.MonkeyPatch) -> list[str]:
     (folder / "results").mkdir()
     (folder / "results").chmod(0o555)
@@ -753,6 +765,20 @@ CASES = [
         "`fit: {storage_dtype: int8}`",
         _config(setting("fit", storage_dtype="int8")),
         ["{dir}/merge.yaml", "fit.storage_dtype", "'int8'"],
+    ),
+    Case(
+        "bad-compile-merge",
+        "A setting that is neither true, false nor auto",
+        "`fit: {compile_merge: sometimes}`",
+        _config(setting("fit", compile_merge="sometimes")),
+        ["{dir}/merge.yaml", "fit.compile_merge", "'sometimes'"],
+    ),
+    Case(
+        "bad-mmap-threshold",
+        "A heap setting in the environment that is not a size",
+        "`SOFTMERGE_MMAP_THRESHOLD=4MiB softmerge merge ...`",
+        _environment(SOFTMERGE_MMAP_THRESHOLD="4MiB"),
+        ["SOFTMERGE_MMAP_THRESHOLD", "'4MiB'"],
     ),
     Case(
         "missing-shard",

@@ -58,6 +58,15 @@ def _lambda_or_auto(value: Any) -> Any:
 Lambda = Annotated[float | Literal["auto"], BeforeValidator(_lambda_or_auto)]
 
 
+def _bool_or_auto(value: Any) -> Any:
+    if isinstance(value, bool) or value == "auto":
+        return value
+    raise ValueError(f"expected true, false or 'auto', got {value!r}")
+
+
+BoolOrAuto = Annotated[bool | Literal["auto"], BeforeValidator(_bool_or_auto)]
+
+
 class FitConfig(Settings):
     """How the gates are learned. Defaults are the ones `docs/method.md` argues for."""
 
@@ -91,6 +100,9 @@ class FitConfig(Settings):
     # Under torchrun: each process holds 1/K of the stack and only merged tensors travel
     # (docs/scaling.md); without a process group it changes nothing.
     shard_stack: bool = False
+    # The merge's two passes per step as torch.compile kernels (softmerge.fused): true, false,
+    # or "auto" (on CPU when the stack's bytes times the steps repay the compile time).
+    compile_merge: BoolOrAuto = "auto"
 
     @field_validator("objective", mode="before")
     @classmethod

@@ -52,6 +52,7 @@ from .fit import (
     Validator,
     default_optimizer,
 )
+from .fused import fused_merge
 from .objectives import LossFn, Totals
 from .plan import GateLayout, MergePlan
 from .step import GateStep
@@ -452,6 +453,10 @@ class SoftMerger:
             model=distributed.with_global_batchnorm(self.model) if dist else self.model,
             distributed_run=dist,
         )
+        if hasattr(self.stack, "fused"):  # a sharded stack's passes are its own
+            self.stack.fused = fused_merge(
+                cfg.compile_merge, self.stack.nbytes, total, self.stack.device
+            )
         self._initialise_gates(cfg, losses)
         optimizer = default_optimizer(self.gate_parameters, cfg.optimizer, cfg.lr)
         recorder = Recorder(cfg.record_every, self._record_extra, self.deterministic_gates)

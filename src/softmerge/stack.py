@@ -19,7 +19,7 @@ time (the largest one is the floor of ``docs/performance.md``), not all of them.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -27,7 +27,8 @@ from tqdm.auto import tqdm
 
 from .candidates import Candidate
 from .errors import PlanError
-from .memory import release_memory
+from .fused import FusedMerge
+from .memory import fix_mmap_threshold, release_memory
 
 log = logging.getLogger("softmerge")
 
@@ -295,16 +296,15 @@ class PendingWeightGrads:
         self,
         leaf: torch.Tensor,
         w: torch.Tensor,
-        stack: torch.Tensor,
-        axis: int | None,
-        scratch: torch.Tensor | None,
+        weight_grad: Callable[[torch.Tensor], torch.Tensor],
     ) -> None:
+        """On ``leaf``'s gradient g: gather ``weight_grad(g)`` (dL/dw) and free g."""
         slot = len(self.weights)
         self.weights.append(w)
         self.grads.append(None)
 
         def take(t: torch.Tensor) -> None:
-            grad = mix_weight_grad(stack, axis, t.grad, scratch).to(w.dtype)
+            grad = weight_grad(t.grad).to(w.dtype)
             previous = self.grads[slot]
             self.grads[slot] = grad if previous is None else previous + grad
             t.grad = None  # the whole point: the tensor's gradient goes now
@@ -346,6 +346,10 @@ class CandidateStack:
         self.offset: dict[str, torch.Tensor] = {}
         self._outputs: dict[str, torch.Tensor] = {}
         self._conversion: torch.Tensor | None = None
+        # Compiled merge passes for training steps (softmerge.fused), set by the fit.
+        self.fused: FusedMerge | None = None
+        if self.device.type == "cpu":
+            fix_mmap_threshold()  # before the heap is shaped (see softmerge.memory)
         names_iter: Iterable[str] = tqdm(
             self.names, desc="stacking", disable=not progress, leave=False
         )
@@ -477,16 +481,38 @@ class CandidateStack:
         for name, w in weights.items():
             if name in lowrank:
                 continue
-            stack, axis = self.buffers[name], (axes or {}).get(name)
-            scratch = self._scratch_for(stack)
+            axis = (axes or {}).get(name)
             with torch.no_grad():
-                theta = mix_into(w, stack, axis, self.offset.get(name), self._output(name), scratch)
-                theta = _cast(theta, (dtypes or {}).get(name))
+                theta = _cast(self._mix_step(name, w, axis), (dtypes or {}).get(name))
             leaf = theta.detach().requires_grad_(w.requires_grad)
             if w.requires_grad:
-                pending.watch(leaf, w, stack, axis, scratch)
+                pending.watch(leaf, w, self._weight_grad_step(name, axis))
             out[name] = leaf
         return out, pending
+
+    def _mix_step(self, name: str, w: torch.Tensor, axis: int | None) -> torch.Tensor:
+        """One training step's merge of ``name`` into its reused buffer (fused when on)."""
+        stack, offset, out = self.buffers[name], self.offset.get(name), self._output(name)
+        fused = self.fused
+        if fused is not None and fused.applies(stack, axis) and fused.mix(w, stack, offset, out):
+            return out
+        return mix_into(w, stack, axis, offset, out, self._scratch_for(stack))
+
+    def _weight_grad_step(
+        self, name: str, axis: int | None
+    ) -> Callable[[torch.Tensor], torch.Tensor]:
+        """``dL/dtheta -> dL/dw`` for ``name`` (fused when on)."""
+        stack = self.buffers[name]
+
+        def weight_grad(grad: torch.Tensor) -> torch.Tensor:
+            fused = self.fused
+            if fused is not None and fused.applies(stack, axis):
+                dw = fused.weight_grad(stack, grad)
+                if dw is not None:
+                    return dw
+            return mix_weight_grad(stack, axis, grad, self._scratch_for(stack))
+
+        return weight_grad
 
     def _output(self, name: str) -> torch.Tensor:
         if name not in self._outputs:
@@ -497,8 +523,11 @@ class CandidateStack:
 
     def _scratch_for(self, stack: torch.Tensor) -> torch.Tensor | None:
         """The float32 buffer ``stack``'s rows are converted into when it is half-precision
-        (``_SCRATCH`` elements, kept until :meth:`release_outputs`); None otherwise."""
+        (``_SCRATCH`` elements, kept until :meth:`release_outputs`); None otherwise, and while
+        fused kernels merge the big tensors (the small ones then convert in small buffers)."""
         if stack.dtype == accumulation_dtype(stack.dtype):
+            return None
+        if self.fused is not None and not self.fused.broken:
             return None
         if self._conversion is None:
             self._conversion = torch.empty(_SCRATCH, dtype=torch.float32, device=self.device)

@@ -7,7 +7,8 @@
       -> MergeGates (log_alpha at two levels)
       -> FitLoop over a GateStep (one step's loss; + Recorder, Validator, Progress,
          Checkpointer callbacks)
-      -> merged state dict -> export
+      -> FinalMerge (the test-time gates' state dict: BatchNorm statistics, REPAIR; the report)
+      -> export
 
 One training step (the candidates' weights never change)::
 
@@ -55,6 +56,7 @@ from .fit import (
 from .fused import fused_merge
 from .objectives import LossFn, Totals
 from .plan import GateLayout, MergePlan
+from .results import FinalMerge
 from .step import GateStep
 
 if TYPE_CHECKING:
@@ -126,13 +128,9 @@ class SoftMerger:
         self._dtypes = ctx.model_dtypes()
         self._buffer_names = {k for k, _ in self.model.named_buffers()}
         self._step: GateStep | None = None  # the fit loop's problem (set by make_loop)
-        self._bn_buffers: dict[str, torch.Tensor] | None = None
-        # plan.repair: (gates' version, repaired state, note), computed when first asked for
-        self._repaired: tuple[tuple[Any, ...], dict[str, torch.Tensor], dict[str, Any]] | None
-        self._repaired = None
         self.result: FitResult | None = None
         self.path: LambdaPath | None = None  # set by fit_path (and fit with l0_lambda "auto")
-        self._final: tuple[tuple[Any, ...], dict[str, torch.Tensor]] | None = None
+        self.final = FinalMerge(self)  # the merge at the test-time gates, and its report
 
     def _report_excluded(self) -> None:
         for cand, ok in zip(self.ctx.pool, self.ctx.active, strict=True):
@@ -318,9 +316,9 @@ class SoftMerger:
         finally:
             self.stack.release_outputs()
         self.model.eval()
-        self._bn_buffers, self._repaired = None, None
+        self.final.forget()
         if cfg.recalibrate_bn and has_batchnorm(self.model):
-            self._bn_buffers = self._recalibrated_buffers(loader)
+            self.final.recalibrate(loader)
         if ckpt is not None and not keep_checkpoint and distributed.is_writer():
             remove_checkpoint(ckpt)
         recorder = loop.callback(Recorder)
@@ -410,10 +408,10 @@ class SoftMerger:
         """Load gate parameters (``self.gates.state_dict()`` of another moment, e.g. a point of
         an L0 path); with ``loader``, BatchNorm statistics are re-estimated for them."""
         self.gates.load_state_dict(dict(state))
-        self._bn_buffers = None
+        self.final.forget()
         if loader is not None and has_batchnorm(self.model):
             self.model.eval()
-            self._bn_buffers = self._recalibrated_buffers(loader)
+            self.final.recalibrate(loader)
 
     def score(
         self,
@@ -580,63 +578,10 @@ class SoftMerger:
         summed = distributed.sum_across([totals.loss, totals.weight, totals.correct])
         return self.ctx.objective_fn.metrics(Totals(*summed))
 
-    def _recalibrated_buffers(self, loader: Iterable[Batch]) -> dict[str, torch.Tensor]:
-        state = self._merged_state(recalibrated=False)
-        model = model_with_state(self.model, state, self.ctx.device)
-        distributed.recalibrate_batchnorm(model, loader)  # recalibrate_batchnorm, shared out
-        return {k: v.detach().clone() for k, v in model.named_buffers()}
-
-    # -- results -----------------------------------------------------------------------------
-
-    @property
-    def repair_note(self) -> dict[str, Any] | None:
-        """What plan.repair did to the current merge (layers, weights, seconds), or None."""
-        return self._repair()[2] if self.plan.repair and self.result is not None else None
-
-    def _repair(self) -> tuple[tuple[Any, ...], dict[str, torch.Tensor], dict[str, Any]]:
-        """plan.repair: REPAIR the deterministic merge; each layer's statistics are the
-        candidates' interpolated with that layer's mixing weights (softmerge.align.pool).
-        Computed once per set of gates (an L0 path moves them after the fit)."""
-        from .align.pool import repair_merged, soft_layer_weights
-
-        version = (
-            *(p._version for p in self.gate_parameters),
-            id(self._bn_buffers),
-            self.ctx.reference,
-        )
-        if self._repaired is None or self._repaired[0] != version:
-            with torch.no_grad():
-                mixing = self.mixing_weights(self.deterministic_gates())
-            weights = soft_layer_weights(self.ctx, self.layout, mixing, self.delta)
-            state = self._merged_state(repaired=False)
-            self._repaired = (version, *repair_merged(self.ctx, state, weights, delta=self.delta))
-        return self._repaired
-
-    def _deterministic_merge(self) -> dict[str, torch.Tensor]:
-        """The merged tensors at the test-time gates. A sharded stack's merge is collective: it
-        is kept until the gates change, so rank 0 can then export and evaluate on its own."""
-        with torch.no_grad():
-            if not self._sharded:
-                return self.merged_parameters(self.deterministic_gates())
-            version = (*(p._version for p in self.gate_parameters), self.ctx.reference)
-            if self._final is None or self._final[0] != version:
-                self._final = (version, self.merged_parameters(self.deterministic_gates()))
-            return self._final[1]
-
-    def _merged_state(
-        self, recalibrated: bool = True, repaired: bool = True
-    ) -> dict[str, torch.Tensor]:
-        if recalibrated and repaired and self.plan.repair and self.result is not None:
-            return dict(self._repair()[1])  # fitted gates: the REPAIRed merge (plan.repair)
-        merged = self._deterministic_merge()
-        if recalibrated and self._bn_buffers is not None:
-            merged = {**merged, **self._bn_buffers}
-        return self.ctx.assemble(merged)
-
     def merged_state_dict(self) -> dict[str, torch.Tensor]:
         """The merged weights at the deterministic (test-time) gates: a plain state dict, in
         the candidates' dtypes, on the CPU."""
-        return self._merged_state()
+        return self.final.state()
 
     def merged_model(self) -> nn.Module:
         """A fresh copy of the model holding the merged weights, in eval mode."""
@@ -644,32 +589,11 @@ class SoftMerger:
 
     def gate_snapshot(self):
         """Per unit and candidate: unit log_alpha, effective deterministic gate, P(non-zero)."""
-        from .report import GateSnapshot
-
-        with torch.no_grad():
-            return GateSnapshot(
-                candidates=list(self.names),
-                units=list(self.layout.units),
-                log_alpha=self.log_alpha.detach().cpu().numpy().copy(),
-                gate=self.deterministic_gates().cpu().numpy(),
-                p_nonzero=self.gates.prob_nonzero().cpu().numpy(),
-                excluded=[
-                    c.name for c, ok in zip(self.candidates, self.ctx.active, strict=True) if not ok
-                ],
-            )
+        return self.final.snapshot()
 
     def candidate_gates(self) -> dict[str, dict[str, float]] | None:
         """The candidate-level gates (two-level gating), or None at model granularity."""
-        levels = self.gates.candidate_gates()
-        if levels is None:
-            return None
-        gate, pnz = levels
-        assert self.gates.log_alpha_candidate is not None
-        la = self.gates.log_alpha_candidate.detach()
-        return {
-            name: {"log_alpha": float(la[i]), "gate": float(gate[i]), "p_nonzero": float(pnz[i])}
-            for i, name in enumerate(self.names)
-        }
+        return self.final.candidate_gates()
 
     def export(
         self, out_dir: str | Path, extra: Mapping[str, Any] | None = None
@@ -680,28 +604,5 @@ class SoftMerger:
         return export_soft_merge(self, Path(out_dir), extra=extra)
 
     def describe(self) -> dict[str, Any]:
-        return {
-            "plan": self.plan.model_dump(),
-            "candidates": {c.name: c.source for c in self.candidates},
-            "base": None if self.base is None else self.base.source,
-            "units": len(self.layout.units),
-            "merged_tensors": len(self.layout.slots),
-            "reference": self.names[self.reference],
-            "storage_dtype": str(self.stack.dtype).removeprefix("torch."),
-            "device": str(self.ctx.device),
-            **self._extras(),
-        }
-
-    def _extras(self) -> dict[str, Any]:
-        """Alignment, REPAIR and the learned task-vector scale, when the plan asks for them."""
-        out: dict[str, Any] = {}
-        if self.ctx.alignment is not None:
-            out["alignment"] = self.ctx.alignment.to_dict()
-        if self.repair_note is not None:
-            out["repair"] = self.repair_note
-        scale = self.gates.scale()
-        if scale is not None:
-            out["delta_scale_learned"] = dict(
-                zip(self.layout.units, scale.detach().cpu().tolist(), strict=True)
-            )
-        return out
+        """The merge's settings and what was done to it (alignment, REPAIR, learned scale)."""
+        return self.final.describe()

@@ -440,32 +440,24 @@ def _step_row(times: dict[str, float], dtype: str, kernels: str, threads: int) -
 
 
 def _merge_passes(merger: Any, fused: Any) -> tuple[Any, Any]:
-    """The merge product's two passes alone, as a gate step runs them (``softmerge.stack``,
-    or ``softmerge.fused`` when ``fused`` is given): forward into the step buffers, backward
-    from a fixed upstream gradient."""
-    from softmerge import stack as st
-
+    """The merge product's two passes alone, as a gate step runs them (``fused``: the compiled
+    kernels, or None: the eager ones): forward into the step buffers, backward from a fixed
+    upstream gradient."""
     stack = merger.stack
     gen = torch.Generator().manual_seed(1)
     w = torch.rand(stack.count, generator=gen)
-    outs = {n: torch.empty(b.shape[1:]) for n, b in stack.buffers.items()}
     grads = {n: torch.randn(b.shape[1:], generator=gen) for n, b in stack.buffers.items()}
-    scratch = torch.empty(st._SCRATCH)
+    backward_of = {n: stack._weight_grad_step(n, None) for n in stack.buffers}
 
     def forward() -> None:
-        for name, buf in stack.buffers.items():
-            offset = stack.offset.get(name)
-            if fused is None or not fused.applies(buf, None):
-                st.mix_into(w, buf, None, offset, outs[name], scratch)
-            else:
-                fused.mix(w, buf, offset, outs[name])
+        stack.fused = fused
+        for name in stack.buffers:
+            stack._mix_step(name, w, None)
 
     def backward() -> None:
-        for name, buf in stack.buffers.items():
-            if fused is None or not fused.applies(buf, None):
-                st.mix_weight_grad(buf, None, grads[name], scratch)
-            else:
-                fused.weight_grad(buf, grads[name])
+        stack.fused = fused
+        for name, weight_grad in backward_of.items():
+            weight_grad(grads[name])
 
     return forward, backward
 

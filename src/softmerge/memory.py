@@ -13,11 +13,11 @@ size, so from the second step on those tensors come from the heap, where the ste
 blocks pin them and the heap only grows. :func:`fix_mmap_threshold` pins the threshold (which
 turns the adjustment off) and the heap's trim threshold at twice it (glibc's own ratio; an
 earlier raise may have left it far higher). At 4 MiB a step's small blocks stay in the heap
-and gradient-sized tensors are mapped and unmapped. It is set once per process, when a CPU
-stack is built or gate steps start, whichever comes first; ``docs/performance.md`` measures
-its effect. ``SOFTMERGE_MMAP_THRESHOLD`` sets another size in bytes, or ``off`` to leave
-glibc's default; a threshold the user set for glibc itself (``MALLOC_MMAP_THRESHOLD_``,
-``GLIBC_TUNABLES``) is left alone.
+and gradient-sized tensors are mapped and unmapped. It is set once per process, when the
+first CPU stack is built (``CandidateStack``, ``ShardedStack``), before the steps shape the
+heap; ``docs/performance.md`` measures its effect. ``SOFTMERGE_MMAP_THRESHOLD`` sets another
+size in bytes, or ``off`` to leave glibc's default; a threshold the user set for glibc itself
+(``MALLOC_MMAP_THRESHOLD_``, ``GLIBC_TUNABLES``) is left alone.
 """
 
 from __future__ import annotations
@@ -36,23 +36,13 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt's parameter numbers (ma
 
 
 @functools.cache
-def _malloc_trim():  # pragma: no cover - depends on the platform's C library
+def _libc(function: str):  # pragma: no cover - depends on the platform's C library
+    """``function`` of the C library, or None where there is none or it lacks it."""
     name = ctypes.util.find_library("c")
     if not name:
         return None
     try:
-        return ctypes.CDLL(name).malloc_trim
-    except (OSError, AttributeError):
-        return None
-
-
-@functools.cache
-def _mallopt():  # pragma: no cover - depends on the platform's C library
-    name = ctypes.util.find_library("c")
-    if not name:
-        return None
-    try:
-        return ctypes.CDLL(name).mallopt
+        return getattr(ctypes.CDLL(name), function)
     except (OSError, AttributeError):
         return None
 
@@ -85,7 +75,7 @@ def fix_mmap_threshold() -> int | None:
     if _applied:
         return _applied[0]
     value = mmap_threshold_setting()
-    call = _mallopt()
+    call = _libc("mallopt")
     if value is None or call is None or call(_M_MMAP_THRESHOLD, value) != 1:
         return None
     call(_M_TRIM_THRESHOLD, 2 * value)
@@ -98,6 +88,6 @@ def release_memory(collect: bool = True) -> None:
     ``collect`` is False: between tensors of a streamed merge nothing cyclic is left over)."""
     if collect:
         gc.collect()
-    trim = _malloc_trim()
+    trim = _libc("malloc_trim")
     if trim is not None:
         trim(0)

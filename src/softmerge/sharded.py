@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from .candidates import Candidate
 from .distributed import _collective, _dist, collective_device, rank, world_size
-from .memory import release_memory
+from .memory import fix_mmap_threshold, release_memory
 from .stack import accumulation_dtype, mix_into, mix_weight_grad, stack_dtype
 
 
@@ -94,6 +94,8 @@ class ShardedStack:
         self.buffers: dict[str, torch.Tensor] = {}
         self.offset: dict[str, torch.Tensor] = {}
         self.lowrank: dict[str, object] = {}  # adapters are never sharded (context.stack)
+        if self.device.type == "cpu":
+            fix_mmap_threshold()  # before the heap is shaped (see softmerge.memory)
         names_iter = tqdm(self.names, desc="stacking (shard)", disable=not progress, leave=False)
         for name in names_iter:
             self.buffers[name] = self._rows_of(candidates, name, base)

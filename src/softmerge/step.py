@@ -23,7 +23,6 @@ from torch import nn
 
 from . import distributed
 from .batches import Batch
-from .memory import fix_mmap_threshold
 
 if TYPE_CHECKING:
     from .soft import SoftMerger
@@ -54,8 +53,6 @@ class GateStep:
         self._share: tuple[float, dict[str, float], float] = (0.0, {}, 0.0)
         # The merge's dL/dw, gathered during the loss's backward, sent on in after_backward.
         self._pending: PendingWeightGrads | None = None
-        if merger.stack.device.type == "cpu":
-            fix_mmap_threshold()  # steps free and remake gradient-sized tensors: keep them mapped
 
     def continued(self, l0_lambda: float) -> GateStep:
         """The same step at another λ, continuing this one's noise, with no warm-up."""

@@ -132,7 +132,9 @@ def memory_child(size: str, count: int, dtype: str, steps: int, work: Path) -> d
     start = time.perf_counter()
     merger = SoftMerger(model, paths, MergePlan(granularity="tensor"), storage_dtype=dtype)
     del model  # the merger keeps a weightless template: the weights go
-    merger.fit(loader, config=FitConfig(steps=steps, progress=False, eval_every=0))
+    compile_merge = os.environ.get("ENGINE_COMPILE_MERGE") == "1"  # run_memory's "compiled"
+    cfg = FitConfig(steps=steps, progress=False, eval_every=0, compile_merge=compile_merge)
+    merger.fit(loader, config=cfg)
     merger.merged_state_dict()
     peak = _rss("VmHWM") - base
     seconds = time.perf_counter() - start
@@ -158,20 +160,24 @@ def run_memory(
 ) -> list[dict]:
     """One fresh process per size, N and dtype, ``repeats`` times each: the row is the median
     run (a peak moves by a few MiB from run to run with the C heap's layout). The target
-    points (M, N=5) run once more with ``SOFTMERGE_MMAP_THRESHOLD=off`` (glibc's dynamic
-    threshold, as before softmerge pinned it): rows with ``heap: "glibc default"``."""
+    points (M, N=5) run twice more: with ``SOFTMERGE_MMAP_THRESHOLD=off`` (glibc's dynamic
+    threshold, as before softmerge pinned it; rows with ``heap: "glibc default"``), and with
+    ``fit.compile_merge: true`` (``heap: "compiled"``: inductor's own memory included)."""
     rows = []
     points = [(s, c, d) for s in sizes for c in counts for d in ("float32", "bfloat16")]
     controls = [(s, c, d) for s, c, d in points if (s, c) == ("M", 5)]
-    for (size, count, dtype), heap in [
+    runs_of = [
         *((p, "pinned") for p in points),
         *((p, "glibc default") for p in controls),
-    ]:
+        *((p, "compiled") for p in controls),
+    ]
+    for (size, count, dtype), heap in runs_of:
         argv = [sys.executable, __file__, "_memory", size, str(count), dtype, str(steps)]
         argv += ["--out", str(work)]
         env = dict(os.environ)
-        if heap != "pinned":
+        if heap == "glibc default":
             env["SOFTMERGE_MMAP_THRESHOLD"] = "off"
+        env["ENGINE_COMPILE_MERGE"] = "1" if heap == "compiled" else "0"
         runs = []
         for _ in range(max(1, repeats)):
             done = subprocess.run(argv, capture_output=True, text=True, check=False, env=env)
@@ -738,8 +744,18 @@ def write_page(results: dict[str, Any], docs: Path) -> Path:
         "",
     ]
     mem_all = results.get("memory") or []
+    eager_at = {
+        (r["size"], r["N"], r["storage"]): r["peak_mib"]
+        for r in mem_all
+        if r.get("heap", "pinned") == "pinned"
+    }
+
+    def eager_mib(r: dict[str, Any]) -> float:
+        return eager_at.get((r["size"], r["N"], r["storage"]), r["peak_mib"])
+
     mem = [r for r in mem_all if r.get("heap", "pinned") == "pinned"]
     glibc = {r["storage"]: r for r in mem_all if r.get("heap") == "glibc default"}
+    compiled = {r["storage"]: r for r in mem_all if r.get("heap") == "compiled"}
     if mem:
         lines += [
             "## Memory of soft merging",
@@ -794,6 +810,18 @@ def write_page(results: dict[str, Any], docs: Path) -> Path:
                 + ". Freeing a mapped tensor raises that threshold to its size, so later "
                 "gradient-sized tensors come from the heap, where small blocks allocated after "
                 "them keep the heap from shrinking.",
+            ]
+        if compiled:
+            lines += [
+                "",
+                "With `fit.compile_merge: true` (the gate step section's compiled kernels; "
+                "`auto` would not compile stacks this small), the same points peak at "
+                + "; ".join(
+                    f"{dtype} **{r['peak_ratio']:.2f}×** ({r['peak_mib'] - eager_mib(r):+.0f} MiB "
+                    f"against the eager row; runs {', '.join(map(str, r['repeats']))})"
+                    for dtype, r in compiled.items()
+                )
+                + ": inductor's modules and compiled kernels stay resident.",
             ]
         lines += ["", "![memory](performance/memory.png)", ""]
     static = results.get("static")
@@ -872,9 +900,9 @@ def write_page(results: dict[str, Any], docs: Path) -> Path:
             "plain step's optimizer update (SGD with momentum reads and writes every weight), "
             "which is why the overhead can come out below the passes' sum. The plain step "
             "itself moves by about 15 % between repeats: the verdict is the median repeat's. "
-            "Compiling adds about 150 MiB of resident memory (inductor's modules and kernels), "
-            "which is why `auto` leaves smaller stacks eager and the memory section runs "
-            "eager.",
+            "Compiling adds about 90 MiB to the peak (inductor's modules and kernels: the "
+            "memory section's compiled rows), which is why `auto` leaves smaller stacks eager "
+            "and the memory section's main rows run eager.",
             "",
         ]
     dist = results.get("dist")
@@ -1031,6 +1059,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         help="the mergekit-yaml command (default: install mergekit 0.1.5 into <out>/mergekit-venv)",
     )
     ARGS = parser.parse_args(argv)
+    # Absolute: the static section's YAML configs name files under it, and softmerge reads a
+    # config's relative paths from the config's own folder.
+    ARGS.out = ARGS.out.resolve()
     ARGS.out.mkdir(parents=True, exist_ok=True)
     parts = set(ARGS.only.split(","))
     start = time.perf_counter()

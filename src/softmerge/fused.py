@@ -10,13 +10,13 @@ which brings a gate step's overhead over a plain training step under the 1.25x t
 bandwidth floor that the engine issue asks for (``benchmarks/engine.py --only step``).
 
 Compiling costs seconds (per process, candidate count and dtype; less with inductor's on-disk
-cache), adds about 150 MiB of resident memory (inductor's modules and kernels), and needs a
-C++ compiler on CPU. So ``FitConfig.compile_merge`` decides: ``true`` compiles (an error if
-it cannot), ``false`` never does, and ``"auto"`` compiles on CPU for stacks of 1 GiB or more
-whose bytes times steps promise to repay it, falling back to the eager kernels, with a
-warning, if compiling fails. Channel gates (weights per output channel) and tensors under
-:data:`MIN_ELEMENTS` stay eager: their passes are cheap, and every distinct case would be one
-more compiled graph.
+cache), adds about 90 MiB to the peak (inductor's modules and kernels; the memory section
+of ``docs/performance.md``), and needs a C++ compiler on CPU. So ``FitConfig.compile_merge``
+decides: ``true`` compiles (an error if it cannot), ``false`` never does, and ``"auto"``
+compiles on CPU for stacks of 1 GiB or more whose bytes times steps promise to repay it,
+falling back to the eager kernels, with a warning, if compiling fails. Channel gates (weights
+per output channel) and tensors under :data:`MIN_ELEMENTS` stay eager: their passes are
+cheap, and every distinct case would be one more compiled graph.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ log = logging.getLogger("softmerge")
 MIN_ELEMENTS = 1 << 16
 # "auto" compiles when stack bytes x steps reach this: about 40 ms saved per GiB and step
 # against up to 8 s of compiling (both measured on 2 cores; see the module docstring); and
-# only for stacks of at least AUTO_MIN_BYTES, next to which inductor's own ~150 MiB of
+# only for stacks of at least AUTO_MIN_BYTES, next to which inductor's own ~90 MiB of
 # resident code and kernels is small.
 AUTO_BYTE_STEPS = 200 * 2**30
 AUTO_MIN_BYTES = 2**30

@@ -428,20 +428,25 @@ def run_step(threads: int, rounds: int) -> list[dict[str, Any]]:
     return rows
 
 
-def _step_row(times: dict[str, float], dtype: str, kernels: str, threads: int) -> dict[str, Any]:
-    plain_ms, gate_ms = times["plain"] * 1e3, times[f"gate_{dtype}_{kernels}"] * 1e3
-    floor_ms = times[f"floor_{dtype}"] * 1e3
+def _step_row(
+    times: dict[str, list[float]], dtype: str, kernels: str, threads: int
+) -> dict[str, Any]:
+    """Medians in ms; the overhead is the median of paired differences (gate − plain of the
+    same cycle), steadier than the difference of two medians when the plain step drifts."""
+    gate, plain = times[f"gate_{dtype}_{kernels}"], times["plain"]
+    overhead_ms = statistics.median(g - p for g, p in zip(gate, plain, strict=True)) * 1e3
+    floor_ms = statistics.median(times[f"floor_{dtype}"]) * 1e3
     return {
-        "forward_ms": times[f"forward_{dtype}_{kernels}"] * 1e3,
-        "backward_ms": times[f"backward_{dtype}_{kernels}"] * 1e3,
+        "forward_ms": statistics.median(times[f"forward_{dtype}_{kernels}"]) * 1e3,
+        "backward_ms": statistics.median(times[f"backward_{dtype}_{kernels}"]) * 1e3,
         "storage": dtype,
         "kernels": kernels,
         "threads": threads,
-        "plain_ms": plain_ms,
-        "gate_ms": gate_ms,
+        "plain_ms": statistics.median(plain) * 1e3,
+        "gate_ms": statistics.median(gate) * 1e3,
         "floor_ms": floor_ms,
-        "overhead_ms": gate_ms - plain_ms,
-        "overhead_over_floor": (gate_ms - plain_ms) / floor_ms,
+        "overhead_ms": overhead_ms,
+        "overhead_over_floor": overhead_ms / floor_ms,
     }
 
 
@@ -468,20 +473,21 @@ def _merge_passes(merger: Any, fused: Any) -> tuple[Any, Any]:
     return forward, backward
 
 
-def _interleaved(steps: dict[str, Any], rounds: int, per_round: int = 5) -> dict[str, float]:
-    """Median seconds per call of each callable; blocks alternate so load drift hits all."""
+def _interleaved(steps: dict[str, Any], rounds: int, per_round: int = 5) -> dict[str, list[float]]:
+    """Seconds of each call of each callable, in cycles: every cycle calls each once (the order
+    reversed every other cycle), so the i-th calls of two callables ran within about a second
+    of each other and a paired difference cancels the machine's slower drifts."""
     for fn in steps.values():
         for _ in range(3):
             fn()
     times: dict[str, list[float]] = {k: [] for k in steps}
-    for r in range(rounds):
-        for key in list(steps) if r % 2 == 0 else list(reversed(steps)):
-            for _ in range(per_round):
-                t0 = time.perf_counter()
-                steps[key]()
-                times[key].append(time.perf_counter() - t0)
+    for cycle in range(rounds * per_round):
+        for key in list(steps) if cycle % 2 == 0 else list(reversed(steps)):
+            t0 = time.perf_counter()
+            steps[key]()
+            times[key].append(time.perf_counter() - t0)
     gc.collect()
-    return {k: statistics.median(v) for k, v in times.items()}
+    return times
 
 
 # ------------------------------------------------------------------------------- 4. dist
@@ -835,7 +841,10 @@ def write_page(results: dict[str, Any], docs: Path) -> Path:
             "18.9M-parameter MLP (512-4096-4096-10), N=5 candidates, batch 128, tensor gates; "
             "plain step = SGD step of the model itself. Floor = the time to read every byte of "
             "the stack twice (a merge must read it once forward and once backward), measured in "
-            "the same run. Target: gate step − plain step ≤ 1.25 × floor. Each stack runs "
+            "the same run. Target: gate step − plain step ≤ 1.25 × floor. Every callable is "
+            "called once per cycle (30 cycles per repeat, the order reversed every other "
+            "cycle); the overhead is the median over cycles of gate step − plain step of the "
+            "same cycle, the other columns are medians. Each stack runs "
             "with the eager kernels (`fit.compile_merge: false`) and with the merge's passes "
             "compiled (`compile_merge: true`, `softmerge.fused`; `auto`, the default, compiles "
             "for stacks of 1 GiB or more and long enough fits).",
@@ -899,7 +908,8 @@ def write_page(results: dict[str, Any], docs: Path) -> Path:
             "both passes but skips the "
             "plain step's optimizer update (SGD with momentum reads and writes every weight), "
             "which is why the overhead can come out below the passes' sum. The plain step "
-            "itself moves by about 15 % between repeats: the verdict is the median repeat's. "
+            "itself moves by 15 % or more between repeats (other tenants' memory traffic): the "
+            "verdict is the median repeat's. "
             "Compiling adds about 90 MiB to the peak (inductor's modules and kernels: the "
             "memory section's compiled rows), which is why `auto` leaves smaller stacks eager "
             "and the memory section's main rows run eager.",
@@ -1047,7 +1057,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "--memory-repeats", type=int, default=3, help="runs per memory point (odd: a median)"
     )
     parser.add_argument(
-        "--step-repeats", type=int, default=5, help="repeats of the step timing (odd: a median)"
+        "--step-repeats", type=int, default=9, help="repeats of the step timing (odd: a median)"
     )
     parser.add_argument("--static-rounds", type=int, default=3)
     parser.add_argument("--dist-steps", type=int, default=30, help="timed steps per launch")

@@ -5,7 +5,7 @@ a pass over ``theta``, and a half-precision stack first converts its rows into a
 buffer; the backward ``dL/dw_j = <dL/dtheta, stack[j]>`` is a gemv (or, for half rows,
 conversions and gemvs). Inductor turns each pass into one loop that reads every row once and
 converts in registers. On the 18.9M-parameter MLP of ``docs/performance.md`` (N=5, 2 threads)
-the two passes take about 0.6x the eager time with a float32 stack and 0.4x with bfloat16,
+the two passes take 0.65-0.85x the eager time with a float32 stack and 0.4x with bfloat16,
 which brings a gate step's overhead over a plain training step under the 1.25x the
 bandwidth floor that the engine issue asks for (``benchmarks/engine.py --only step``).
 

@@ -59,8 +59,9 @@ class SoftMerging(MergeMethod):
         )
         state = merger.merged_state_dict()
         info = {"merger": merger, "fit": merger.result}
-        if merger.final.repair_note() is not None:  # plan.repair: done on the merger's own state
-            info["repair"] = merger.final.repair_note()
+        repair = merger.final.repair_note()  # plan.repair: done on the merger's own state
+        if repair is not None:
+            info["repair"] = repair
         return MergeOutcome(state, merger.merged_model, info)
 
     def _run_path(self, ctx: MergeContext, cfg: FitConfig) -> MergeOutcome:

@@ -414,13 +414,15 @@ def run_step(threads: int, rounds: int) -> list[dict[str, Any]]:
     # The plain step alone moves by 15 % from one measurement to the next on this machine
     # (page faults of its fresh gradients, other tenants' memory traffic): the section repeats
     # the whole interleaved measurement and judges the median repeat.
-    repeats = [_interleaved(steps, rounds) for _ in range(max(1, ARGS.step_repeats))]
+    cycles = 5 * rounds
+    repeats = [_interleaved(steps, cycles) for _ in range(max(1, ARGS.step_repeats))]
     rows = []
     for dtype, kernels in variants:
         each = [_step_row(times, dtype, kernels, threads) for times in repeats]
         # The median repeat, whole (its columns add up); an odd count has one.
         row = sorted(each, key=lambda r: r["overhead_over_floor"])[len(each) // 2]
         row["repeats"] = [round(r["overhead_over_floor"], 2) for r in each]
+        row["cycles"] = cycles
         if kernels == "compiled":
             row["first_step_ms"] = first_ms[dtype]
         rows.append(row)
@@ -473,7 +475,7 @@ def _merge_passes(merger: Any, fused: Any) -> tuple[Any, Any]:
     return forward, backward
 
 
-def _interleaved(steps: dict[str, Any], rounds: int, per_round: int = 5) -> dict[str, list[float]]:
+def _interleaved(steps: dict[str, Any], cycles: int) -> dict[str, list[float]]:
     """Seconds of each call of each callable, in cycles: every cycle calls each once (the order
     reversed every other cycle), so the i-th calls of two callables ran within about a second
     of each other and a paired difference cancels the machine's slower drifts."""
@@ -481,7 +483,7 @@ def _interleaved(steps: dict[str, Any], rounds: int, per_round: int = 5) -> dict
         for _ in range(3):
             fn()
     times: dict[str, list[float]] = {k: [] for k in steps}
-    for cycle in range(rounds * per_round):
+    for cycle in range(cycles):
         for key in list(steps) if cycle % 2 == 0 else list(reversed(steps)):
             t0 = time.perf_counter()
             steps[key]()
@@ -842,9 +844,9 @@ def write_page(results: dict[str, Any], docs: Path) -> Path:
             "plain step = SGD step of the model itself. Floor = the time to read every byte of "
             "the stack twice (a merge must read it once forward and once backward), measured in "
             "the same run. Target: gate step − plain step ≤ 1.25 × floor. Every callable is "
-            "called once per cycle (30 cycles per repeat, the order reversed every other "
-            "cycle); the overhead is the median over cycles of gate step − plain step of the "
-            "same cycle, the other columns are medians. Each stack runs "
+            f"called once per cycle ({step[0].get('cycles', 30)} cycles per repeat, the order "
+            "reversed every other cycle); the overhead is the median over cycles of gate step "
+            "− plain step of the same cycle, the other columns are medians. Each stack runs "
             "with the eager kernels (`fit.compile_merge: false`) and with the merge's passes "
             "compiled (`compile_merge: true`, `softmerge.fused`; `auto`, the default, compiles "
             "for stacks of 1 GiB or more and long enough fits).",

@@ -185,12 +185,17 @@ def core_specs(scale: Scale, *, parent: bool, delta: bool = False) -> list[Spec]
 ALIGNED = ", aligned"  # suffix of the rows merged after weight matching
 REPAIRED = ", aligned + REPAIR"
 MERGE_MANY = ", aligned (MergeMany)"
+STE = ", aligned (STE)"
 
 
-def aligned_specs(specs: list[Spec]) -> list[Spec]:
+def aligned_specs(
+    specs: list[Spec], align_steps: int = 1000, ste_repair: bool = False
+) -> list[Spec]:
     """S2: every method again after weight matching (the output ensemble is left out: aligning
-    changes no candidate's function), REPAIR after the uniform soup and soft (tensor), and the
-    uniform soup after MergeMany (with and without REPAIR)."""
+    changes no candidate's function), REPAIR after the uniform soup and soft (tensor), the
+    uniform soup after MergeMany (with and without REPAIR), and the uniform soup and soft
+    (tensor) after STE matching (plan.align 'ste'; ``ste_repair`` adds the STE soup with REPAIR:
+    ``align_ste.py`` runs it, the whole bench leaves it out for time)."""
     out = []
     for spec in specs:
         if spec.method == "ensemble":
@@ -199,6 +204,12 @@ def aligned_specs(specs: list[Spec]) -> list[Spec]:
         out.append(replace(spec, row=spec.row + ALIGNED, plan=plan))
         if spec.row in ("uniform soup", "soft (tensor)"):
             out.append(replace(spec, row=spec.row + REPAIRED, plan={**plan, "repair": True}))
+            ste = {**spec.plan, "align": "ste", "align_steps": align_steps}
+            out.append(replace(spec, row=spec.row + STE, plan=ste))
+        if spec.row == "uniform soup" and ste_repair:
+            ste_repaired = {**spec.plan, "align": "ste", "align_steps": align_steps}
+            ste_repaired["repair"] = True
+            out.append(replace(spec, row=spec.row + STE + " + REPAIR", plan=ste_repaired))
         if spec.row == "uniform soup":  # MergeMany: every candidate to the others' average
             many = {**spec.plan, "align": "merge_many"}
             repaired = {**many, "repair": True}
@@ -269,6 +280,7 @@ def alignment_record(report: Any) -> dict[str, Any]:
         "seconds": report.seconds,
         "cost_ratio": statistics.fmean(ratios) if ratios else None,
         "moved_units": sum(c.moved_units for c in others),
+        **({"ste": report.ste} if getattr(report, "ste", None) else {}),
     }
 
 
@@ -692,7 +704,8 @@ class Runner:
             for key in sc.s2_families:
                 fam = self.family(key, seed)
                 specs = core_specs(sc, parent=False)
-                self.table("S2", key, fam, dict(fam.clean), specs + aligned_specs(specs))
+                aligned = aligned_specs(specs, sc.align_steps)
+                self.table("S2", key, fam, dict(fam.clean), specs + aligned)
         if "S5" in self.only:
             fam = self.family("mnist_mlp_ft", seed)
             self.table(

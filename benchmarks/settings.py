@@ -61,6 +61,7 @@ class Scale:
     s4_families: tuple[str, ...] = ("mnist_mlp", "mnist1d_resnet")
     batch_size: int = 128  # merge loader batch
     plain_reps: int = 30  # timed plain training steps per architecture (step-time ratios)
+    align_steps: int = 1000  # plan.align_steps of the STE rows (S2)
     # S3: (config name, malicious kinds) of each 7-candidate pool
     s3_configs: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
@@ -114,6 +115,7 @@ SMOKE = Scale(
     },
     soft_steps=4,
     learn_steps=3,
+    align_steps=10,
     batch_size=32,
     plain_reps=3,
     s2_families=("digits_mlp_indep",),

@@ -349,6 +349,20 @@ def test_yaml_registry_method_with_align_and_repair_writes_what_it_evaluated(tmp
     assert accuracy == rows["uniform_soup"]["accuracy"]
 
 
+def test_yaml_plan_align_ste_reports_its_search(tmp_path, independent):
+    """plan.align 'ste' from YAML: the summary holds the search (steps, the step kept and the
+    soup's loss on the selection batches, never above weight matching's)."""
+    _, paths = independent
+    cfg = _config(tmp_path, paths, method="uniform_soup", plan={"align": "ste", "align_steps": 60})
+    assert main(["merge", str(cfg), "--no-progress", "-q"]) == 0
+    alignment = json.loads((tmp_path / "out" / "summary.json").read_text())["alignment"]
+    assert alignment["method"] == "ste"
+    search = alignment["ste"]
+    assert search["steps"] == 60 and 0 <= search["chosen_step"] <= 60
+    assert search["soup_loss_end"] <= search["soup_loss_start"]
+    assert "aligned by ste" in (tmp_path / "out" / "summary.md").read_text()
+
+
 def test_yaml_rejects_an_unknown_alignment(tmp_path, independent, capsys):
     _, paths = independent
     cfg = _config(tmp_path, paths, plan={"align": "weights"})

@@ -795,6 +795,13 @@ CASES = [
         ["{dir}/merge.yaml", "plan.granularity", "'foo'"],
     ),
     Case(
+        "negative-align-steps",
+        "STE matching asked for a negative number of steps",
+        "`plan: {align: ste, align_steps: -5}`",
+        _config(setting("plan", align="ste", align_steps=-5)),
+        ["{dir}/merge.yaml", "plan.align_steps", "-5"],
+    ),
+    Case(
         "include-matches-nothing",
         "An include pattern that matches no parameter",
         "`plan: {include: ['encoder.*']}`",

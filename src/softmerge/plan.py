@@ -30,7 +30,7 @@ from .schema import Settings
 
 Granularity = Literal["model", "module", "tensor", "channel"]
 Combine = Literal["convex", "delta"]
-Align = Literal["none", "weight_matching", "activation_matching", "merge_many"]
+Align = Literal["none", "weight_matching", "activation_matching", "merge_many", "ste"]
 GRANULARITIES: tuple[str, ...] = ("model", "module", "tensor", "channel")
 COMBINES: tuple[str, ...] = ("convex", "delta")
 LEARN = "learn"  # plan.delta_scale: learned with the gates instead of fixed
@@ -53,6 +53,8 @@ class MergePlan(Settings):
     # Before any method runs: permute every candidate's hidden units to match the reference
     # candidate (softmerge.align; docs/alignment.md). "none" merges the candidates as they are.
     align: Align = "none"
+    # align 'ste': steps of the straight-through search (each one weight matching per candidate)
+    align_steps: int = Field(default=1000, ge=0)
     # After a single-model merge: REPAIR the hidden units' statistics on the merge data.
     repair: bool = False
 

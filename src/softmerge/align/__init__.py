@@ -33,6 +33,7 @@ from softmerge.align.spec import (
     PermutationSpec,
     permutation_spec,
 )
+from softmerge.align.ste import SteResult, functional_loss, ste_matching
 from softmerge.align.weight_matching import (
     apply_permutation,
     identity_permutation,
@@ -40,7 +41,9 @@ from softmerge.align.weight_matching import (
     merge_many,
     weight_matching,
 )
+from softmerge.batches import cycle_batches, first_batches
 from softmerge.errors import PlanError
+from softmerge.objectives import resolve_objective
 
 __all__ = [
     "COST",
@@ -51,6 +54,7 @@ __all__ = [
     "CandidateAlignment",
     "PermGroup",
     "PermutationSpec",
+    "SteResult",
     "activation_matching",
     "align_candidates",
     "align_context",
@@ -63,10 +67,12 @@ __all__ = [
     "repair",
     "repair_layers",
     "repair_merged",
+    "ste_matching",
     "weight_matching",
 ]
 
-METHODS = ("weight_matching", "activation_matching", "merge_many")
+SELECT_BATCHES = 16  # batches STE scores its soups on (the first of one pass)
+METHODS = ("weight_matching", "activation_matching", "merge_many", "ste")
 
 
 def _example_from(loader: Iterable[Any] | None) -> tuple | None:
@@ -91,6 +97,8 @@ def _permutations(
 ) -> list[dict[str, torch.Tensor]]:
     if method == "merge_many":
         return merge_many(spec, states, max_iter=max_iter, seed=seed, reference=reference_index)
+    if method == "ste":
+        return _ste(model, spec, states, reference_index, loader, seed).perms
     reference = states[reference_index]
     perms = []
     for i, state in enumerate(states):
@@ -103,6 +111,29 @@ def _permutations(
                 raise PlanError("activation matching needs data: pass loader=")
             perms.append(activation_matching(model, spec, reference, state, loader))
     return perms
+
+
+def _ste(
+    model: nn.Module,
+    spec: PermutationSpec,
+    states: Sequence[Mapping[str, torch.Tensor]],
+    reference_index: int,
+    loader: Iterable[Any] | None,
+    seed: int,
+) -> SteResult:
+    """STE matching with the classification loss on ``loader`` (its first batches select)."""
+    if loader is None:
+        raise PlanError("STE matching needs data: pass loader=")
+    loss_of = functional_loss(model, resolve_objective("classification"))
+    return ste_matching(
+        spec,
+        states,
+        loss_of,
+        cycle_batches(loader),
+        first_batches(loader, SELECT_BATCHES),
+        reference=reference_index,
+        seed=seed,
+    )
 
 
 def align_candidates(
@@ -121,11 +152,13 @@ def align_candidates(
     """Permute every candidate's hidden units to match ``states[reference_index]``.
 
     ``method``: ``weight_matching`` (Git Re-Basin coordinate descent on the weights),
-    ``activation_matching`` (correlation of activations on ``loader``) or ``merge_many`` (every
+    ``activation_matching`` (correlation of activations on ``loader``), ``merge_many`` (every
     candidate matched to the average of the others, iterated; the reference keeps its unit
-    order). ``spec`` defaults to :func:`permutation_spec` of ``model`` with ``example_input``
-    (or the loader's first batch). Returns new state dicts (the reference's a copy; inputs are
-    untouched) and the report. Each aligned candidate computes the same function as before."""
+    order) or ``ste`` (weight matching, then the straight-through search that lowers the
+    uniform soup's cross-entropy on ``loader``: :func:`ste_matching`). ``spec`` defaults to
+    :func:`permutation_spec` of ``model`` with ``example_input`` (or the loader's first batch).
+    Returns new state dicts (the reference's a copy; inputs are untouched) and the report.
+    Each aligned candidate computes the same function as before."""
     if method not in METHODS:
         raise PlanError(f"alignment method must be one of {METHODS}, got {method!r}")
     if len(states) < 2:

@@ -26,6 +26,7 @@ from softmerge.align.activation_matching import activation_matching, batch_input
 from softmerge.align.repair import repair, repair_layers
 from softmerge.align.report import AlignmentReport, CandidateAlignment
 from softmerge.align.spec import PermutationSpec, permutation_spec
+from softmerge.align.ste import SteResult, functional_loss, ste_matching
 from softmerge.align.weight_matching import (
     apply_permutation,
     identity_permutation,
@@ -33,7 +34,7 @@ from softmerge.align.weight_matching import (
     merge_many,
     weight_matching,
 )
-from softmerge.batches import untouched_order
+from softmerge.batches import cycle_batches, first_batches, untouched_order
 from softmerge.candidates import Candidate
 from softmerge.errors import PlanError
 
@@ -53,6 +54,7 @@ __all__ = [
 log = logging.getLogger("softmerge")
 State = dict[str, torch.Tensor]
 Weights = list[float] | dict[str, list[float]] | None
+STE_SELECT_BATCHES = 16  # merge batches STE scores its soups on (the first of one pass)
 EXAMPLE_SAMPLES = 2  # samples of the first merge batch the tracer runs (shapes are all it needs)
 
 
@@ -124,7 +126,9 @@ def _entry(
 def _permutation(
     ctx: MergeContext, spec: PermutationSpec, reference: State, state: State
 ) -> dict[str, torch.Tensor]:
-    if ctx.plan.align == "weight_matching":
+    """One candidate's permutation; the base of an STE merge is weight-matched (it is not
+    part of the soup STE scores)."""
+    if ctx.plan.align in ("weight_matching", "ste", "merge_many"):
         return weight_matching(spec, reference, state, seed=ctx.seed)
     loader = ctx.require_data("plan.align 'activation_matching'")
     model = ctx.require_model("plan.align 'activation_matching'")
@@ -163,7 +167,11 @@ def align_context(ctx: MergeContext) -> AlignmentReport:
         groups={name: g.size for name, g in spec.groups.items()},
         seed=ctx.seed,
     )
-    many = _merge_many(ctx, spec, reference) if method == "merge_many" else None
+    many = None
+    if method == "merge_many":
+        many = _merge_many(ctx, spec, reference)
+    elif method == "ste":
+        many, report.ste = _ste(ctx, spec, reference)
     for i, cand in enumerate(pool):
         if i == index:
             report.candidates.append(_entry(i, cand.name, identity_permutation(spec), 0.0, 0.0))
@@ -197,7 +205,9 @@ def _align_one(
 ) -> tuple[Candidate, CandidateAlignment]:
     state = _read(cand)
     spec.check(state, f"candidate {cand.name}")
-    perm = many[cand.name] if many is not None else _permutation(ctx, spec, reference, state)
+    perm = many.get(cand.name) if many is not None else None
+    if perm is None:
+        perm = _permutation(ctx, spec, reference, state)
     aligned = apply_permutation(spec, perm, state)
     before = matching_cost(spec, reference, state)
     after = matching_cost(spec, reference, aligned)
@@ -228,6 +238,38 @@ def _merge_many(
     for c in cands:
         c.close()
     return {c.name: p for c, p in zip(cands, perms, strict=True)}
+
+
+def _ste(
+    ctx: MergeContext, spec: PermutationSpec, reference: State
+) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]]:
+    """STE matching of the finite candidates (the reference as it is), against the uniform
+    soup's loss under the merge objective on the merge data: permutations by candidate name
+    and the search's note. The merge loader's shuffle order is left untouched."""
+    loader = ctx.require_data("plan.align 'ste'")
+    model = ctx.require_model("plan.align 'ste'")
+    cands = [c for c, ok in zip(ctx.pool, ctx.active, strict=True) if ok]
+    states = [reference if c is ctx.pool[ctx.reference] else _read(c) for c in cands]
+    ref = next(i for i, c in enumerate(cands) if c is ctx.pool[ctx.reference])
+    loss_of = functional_loss(model, ctx.objective_fn, ctx.device, prepare=ctx.model_state)
+
+    def search() -> SteResult:
+        return ste_matching(
+            spec,
+            states,
+            loss_of,
+            cycle_batches(loader),
+            first_batches(loader, STE_SELECT_BATCHES),
+            reference=ref,
+            steps=ctx.plan.align_steps,
+            seed=ctx.seed,
+        )
+
+    result = untouched_order(loader, search)
+    for c in cands:
+        if c is not ctx.pool[ctx.reference]:
+            c.close()
+    return {c.name: p for c, p in zip(cands, result.perms, strict=True)}, result.note()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -36,6 +36,7 @@ class AlignmentReport:
     skipped: list[str] = field(default_factory=list)  # non-finite candidates, left as they are
     base: CandidateAlignment | None = None  # the base of task-vector merges, aligned too
     seconds: float | None = None
+    ste: dict[str, Any] | None = None  # plan.align 'ste': steps, lr, chosen step, soup losses
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -59,4 +60,5 @@ class AlignmentReport:
                 for e in entries
             },
             "skipped": list(self.skipped),
+            **({"ste": self.ste} if self.ste is not None else {}),
         }

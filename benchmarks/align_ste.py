@@ -1,0 +1,111 @@
+"""S2's alignment rows only, for the MLPs of issue 13: weight matching, MergeMany and STE.
+
+    python benchmarks/align_ste.py [--out bench-out] [--families digits_mlp_indep ...]
+
+The same candidates, merges and best-single choice as ``make bench`` (``run.py``'s Runner and
+Table; the candidate cache under ``--out`` is shared with it), restricted to the uniform soup and
+soft (tensor) rows, so the alignment methods can be compared in minutes instead of an hour.
+Prints test accuracy minus the best single model (chosen on the merge split), mean and std over
+seeds, and writes ``align_ste.json`` beside the cache.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import statistics
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from run import Runner, aligned_specs, core_specs
+from settings import SCALES
+
+from softmerge.data import resolve_mnist
+
+KEEP = ("uniform soup", "soft (tensor)", "output ensemble (N x cost)")
+BEST = "best single (chosen on merge split)"
+
+
+def specs_for(scale):
+    core = [s for s in core_specs(scale, parent=False) if s.row in KEEP]
+    return core + aligned_specs(core, scale.align_steps, ste_repair=True)
+
+
+def gap_table(records: list[dict]) -> tuple[str, dict]:
+    """Markdown table of (row accuracy - best single) per family, mean ± std over seeds."""
+    by = defaultdict(dict)  # (family, row) -> seed -> test_acc
+    for r in records:
+        if "test_acc" in r and r["setting"] == "S2" and r.get("group") != "candidate":
+            by[(r["config"], r["row"])][r["seed"]] = r["test_acc"]
+    families = sorted({f for f, _ in by})
+    rows = [r for r in dict.fromkeys(r for _, r in by) if r != BEST]
+    summary: dict = {}
+    lines = ["| row | " + " | ".join(families) + " |", "| --- |" + " ---: |" * len(families)]
+    best_line = [f"{statistics.fmean(by[(f, BEST)].values()):.2f}" for f in families]
+    lines.append("| best single (test accuracy, %) | " + " | ".join(best_line) + " |")
+    for row in rows:
+        cells = []
+        for f in families:
+            accs, best = by.get((f, row), {}), by[(f, BEST)]
+            gaps = [accs[s] - best[s] for s in accs]
+            if not gaps:
+                cells.append("")
+                continue
+            mean = statistics.fmean(gaps)
+            std = statistics.stdev(gaps) if len(gaps) > 1 else 0.0
+            summary.setdefault(f, {})[row] = {"mean": mean, "std": std, "per_seed": gaps}
+            cells.append(f"{mean:+.2f} ± {std:.2f}")
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    return "\n".join(lines), summary
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("bench-out"))
+    parser.add_argument("--mnist", type=Path)
+    parser.add_argument("--families", nargs="+", default=["digits_mlp_indep", "mnist_mlp_indep"])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("softmerge").setLevel(logging.ERROR)
+    scale = SCALES["full"]
+    mnist = resolve_mnist(args.mnist) if "mnist_mlp_indep" in args.families else None
+    runner = Runner(scale, args.out, mnist, ["S2"])
+    start = time.perf_counter()
+    for seed in args.seeds:
+        for key in args.families:
+            fam = runner.family(key, seed)
+            runner.table("S2", key, fam, dict(fam.clean), specs_for(scale))
+    table, summary = gap_table(runner.records)
+    minutes = (time.perf_counter() - start) / 60
+    print(f"\nseeds {args.seeds}, {torch.get_num_threads()} thread(s), {minutes:.1f} min\n")
+    print(table)
+    out = args.out / "align_ste.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(
+        json.dumps(
+            {
+                "seeds": args.seeds,
+                "threads": torch.get_num_threads(),
+                "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+                "minutes": minutes,
+                "summary": summary,
+                "records": [
+                    {k: v for k, v in r.items() if isinstance(v, (int, float, str, list, dict))}
+                    for r in runner.records
+                ],
+            },
+            indent=1,
+            default=str,
+        )
+    )
+    os.replace(tmp, out)
+
+
+if __name__ == "__main__":
+    main()

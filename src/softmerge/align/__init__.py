@@ -33,7 +33,7 @@ from softmerge.align.spec import (
     PermutationSpec,
     permutation_spec,
 )
-from softmerge.align.ste import SteResult, functional_loss, ste_matching
+from softmerge.align.ste import SELECT_BATCHES, SteResult, functional_loss, ste_matching
 from softmerge.align.weight_matching import (
     apply_permutation,
     identity_permutation,
@@ -71,7 +71,6 @@ __all__ = [
     "weight_matching",
 ]
 
-SELECT_BATCHES = 16  # batches STE scores its soups on (the first of one pass)
 METHODS = ("weight_matching", "activation_matching", "merge_many", "ste")
 
 

@@ -26,7 +26,7 @@ from softmerge.align.activation_matching import activation_matching, batch_input
 from softmerge.align.repair import repair, repair_layers
 from softmerge.align.report import AlignmentReport, CandidateAlignment
 from softmerge.align.spec import PermutationSpec, permutation_spec
-from softmerge.align.ste import SteResult, functional_loss, ste_matching
+from softmerge.align.ste import SELECT_BATCHES, SteResult, functional_loss, ste_matching
 from softmerge.align.weight_matching import (
     apply_permutation,
     identity_permutation,
@@ -54,7 +54,6 @@ __all__ = [
 log = logging.getLogger("softmerge")
 State = dict[str, torch.Tensor]
 Weights = list[float] | dict[str, list[float]] | None
-STE_SELECT_BATCHES = 16  # merge batches STE scores its soups on (the first of one pass)
 EXAMPLE_SAMPLES = 2  # samples of the first merge batch the tracer runs (shapes are all it needs)
 
 
@@ -259,7 +258,7 @@ def _ste(
             states,
             loss_of,
             cycle_batches(loader),
-            first_batches(loader, STE_SELECT_BATCHES),
+            first_batches(loader, SELECT_BATCHES),
             reference=ref,
             steps=ctx.plan.align_steps,
             seed=ctx.seed,

@@ -36,7 +36,7 @@ from softmerge.batches import logits_of, split_on
 from softmerge.errors import PlanError
 from softmerge.objectives import Objective
 
-__all__ = ["SteResult", "functional_loss", "ste_matching"]
+__all__ = ["SELECT_BATCHES", "SteResult", "functional_loss", "ste_matching"]
 
 State = Mapping[str, torch.Tensor]
 Perms = dict[str, torch.Tensor]
@@ -45,6 +45,7 @@ LossOf = Callable[[dict[str, torch.Tensor], Any], torch.Tensor]  # (state, batch
 STEPS = 1000  # S2 (docs/alignment.md): the soups kept were found at steps 700-1000
 LR = 1e-2  # Adam, on the free copies (weights of order 0.01-0.1 move by whole units)
 SELECT_EVERY = 50
+SELECT_BATCHES = 16  # the loader's first batches of one pass, on which the soups are scored
 MATCH_ITER = 20  # coordinate-descent sweeps per projection (it starts from the last one)
 
 

@@ -34,6 +34,7 @@ from softmerge.align.weight_matching import (
 )
 from softmerge.batches import logits_of, split_on
 from softmerge.errors import PlanError
+from softmerge.evaluation import set_gate_training_mode
 from softmerge.objectives import Objective
 
 __all__ = ["SELECT_BATCHES", "SteResult", "functional_loss", "ste_matching"]
@@ -72,14 +73,11 @@ class SteResult:
 
 @contextmanager
 def batch_statistics(model: nn.Module):
-    """The model in eval mode except its BatchNorm layers, which normalise with the batch's
-    statistics: the running statistics of a soup are an average of unrelated estimates (the
-    merge resets them afterwards with REPAIR; during the search the batch's own are right)."""
+    """The model as a gate step runs it (``set_gate_training_mode``: eval, BatchNorm on the
+    batch's statistics, since a soup's running statistics average unrelated estimates); the
+    modules' own modes come back afterwards."""
     modes = {m: m.training for m in model.modules()}
-    model.eval()
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.train()
+    set_gate_training_mode(model)
     try:
         yield model
     finally:
@@ -120,6 +118,26 @@ def _soup(
         else:
             out[key] = value.clone()
     return out
+
+
+def _project(
+    spec: PermutationSpec,
+    state: State,
+    free: Mapping[str, torch.Tensor],
+    start: State,
+    perm: Perms,
+    seed: int,
+) -> tuple[Perms, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The permutation of ``state`` closest to its free copy (weight matching from ``perm``),
+    the permuted state, and its straight-through form: the value is the permuted state, the
+    gradient reaches the free copy. ``start`` fills the keys the free copy lacks (buffers)."""
+    target = {**start, **{k: v.detach() for k, v in free.items()}}
+    perm = weight_matching(spec, target, state, max_iter=MATCH_ITER, seed=seed, init=perm)
+    hard = apply_permutation(spec, perm, state)
+    through = {
+        k: (free[k] + (v.float() - free[k]).detach()) if k in free else v for k, v in hard.items()
+    }
+    return perm, hard, through
 
 
 def ste_matching(
@@ -181,16 +199,9 @@ def ste_matching(
     for step in range(1, steps + 1):
         projected, hards = {}, {}
         for i in others:
-            target = {**start[i], **{k: v.detach() for k, v in free[i].items()}}
-            current[i] = weight_matching(
-                spec, target, states[i], max_iter=MATCH_ITER, seed=seed, init=current[i]
+            current[i], hards[i], projected[i] = _project(
+                spec, states[i], free[i], start[i], current[i], seed
             )
-            hard = hards[i] = apply_permutation(spec, current[i], states[i])
-            # Straight through: the value is the permuted candidate, the gradient reaches W.
-            projected[i] = {
-                k: (free[i][k] + (hard[k].float() - free[i][k]).detach()) if k in free[i] else v
-                for k, v in hard.items()
-            }
         loss = loss_of(_soup(ref, [projected[i] for i in others]), next(train_batches))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -16,7 +16,6 @@ from softmerge.align import (
     permutation_spec,
     ste_matching,
 )
-from softmerge.batches import cycle_batches
 from softmerge.data import digits_splits
 from softmerge.methods import MergeContext
 from softmerge.objectives import resolve_objective
@@ -51,9 +50,7 @@ def test_ste_lowers_the_soup_loss_keeps_functions_and_is_seeded():
     select = batches_of(splits.merge)
 
     def search():
-        return ste_matching(
-            spec, states, loss_of, cycle_batches(select), select, steps=150, select_every=10
-        )
+        return ste_matching(spec, states, loss_of, select, steps=150, select_every=10)
 
     result = search()
     aligned = [apply_permutation(spec, p, s) for p, s in zip(result.perms, states, strict=True)]
@@ -85,9 +82,9 @@ def test_ste_through_align_candidates_needs_data_and_sane_settings():
     loss_of = functional_loss(model, resolve_objective("classification"))
     select = batches_of(splits.merge)
     with pytest.raises(PlanError, match="lr > 0"):
-        ste_matching(spec, states, loss_of, cycle_batches(select), select, lr=0.0)
+        ste_matching(spec, states, loss_of, select, lr=0.0)
     with pytest.raises(PlanError, match="at least 2 models"):
-        ste_matching(spec, states[:1], loss_of, cycle_batches(select), select)
+        ste_matching(spec, states[:1], loss_of, select)
 
 
 def permuted_copies(model, x, count):

@@ -33,7 +33,7 @@ from softmerge.align.spec import (
     PermutationSpec,
     permutation_spec,
 )
-from softmerge.align.ste import SELECT_BATCHES, SteResult, functional_loss, ste_matching
+from softmerge.align.ste import SteResult, functional_loss, ste_matching
 from softmerge.align.weight_matching import (
     apply_permutation,
     identity_permutation,
@@ -41,7 +41,6 @@ from softmerge.align.weight_matching import (
     merge_many,
     weight_matching,
 )
-from softmerge.batches import cycle_batches, first_batches
 from softmerge.errors import PlanError
 from softmerge.objectives import resolve_objective
 
@@ -96,8 +95,13 @@ def _permutations(
 ) -> list[dict[str, torch.Tensor]]:
     if method == "merge_many":
         return merge_many(spec, states, max_iter=max_iter, seed=seed, reference=reference_index)
-    if method == "ste":
-        return _ste(model, spec, states, reference_index, loader, seed).perms
+    if method == "ste":  # against the uniform soup's cross-entropy on the loader
+        if loader is None:
+            raise PlanError("STE matching needs data: pass loader=")
+        loss_of = functional_loss(model, resolve_objective("classification"))
+        return ste_matching(
+            spec, states, loss_of, loader, reference=reference_index, seed=seed
+        ).perms
     reference = states[reference_index]
     perms = []
     for i, state in enumerate(states):
@@ -110,29 +114,6 @@ def _permutations(
                 raise PlanError("activation matching needs data: pass loader=")
             perms.append(activation_matching(model, spec, reference, state, loader))
     return perms
-
-
-def _ste(
-    model: nn.Module,
-    spec: PermutationSpec,
-    states: Sequence[Mapping[str, torch.Tensor]],
-    reference_index: int,
-    loader: Iterable[Any] | None,
-    seed: int,
-) -> SteResult:
-    """STE matching with the classification loss on ``loader`` (its first batches select)."""
-    if loader is None:
-        raise PlanError("STE matching needs data: pass loader=")
-    loss_of = functional_loss(model, resolve_objective("classification"))
-    return ste_matching(
-        spec,
-        states,
-        loss_of,
-        cycle_batches(loader),
-        first_batches(loader, SELECT_BATCHES),
-        reference=reference_index,
-        seed=seed,
-    )
 
 
 def align_candidates(

@@ -26,7 +26,7 @@ from softmerge.align.activation_matching import activation_matching, batch_input
 from softmerge.align.repair import repair, repair_layers
 from softmerge.align.report import AlignmentReport, CandidateAlignment
 from softmerge.align.spec import PermutationSpec, permutation_spec
-from softmerge.align.ste import SELECT_BATCHES, SteResult, functional_loss, ste_matching
+from softmerge.align.ste import SteResult, functional_loss, ste_matching
 from softmerge.align.weight_matching import (
     apply_permutation,
     identity_permutation,
@@ -34,7 +34,7 @@ from softmerge.align.weight_matching import (
     merge_many,
     weight_matching,
 )
-from softmerge.batches import cycle_batches, first_batches, untouched_order
+from softmerge.batches import untouched_order
 from softmerge.candidates import Candidate
 from softmerge.errors import PlanError
 
@@ -257,8 +257,7 @@ def _ste(
             spec,
             states,
             loss_of,
-            cycle_batches(loader),
-            first_batches(loader, SELECT_BATCHES),
+            loader,
             reference=ref,
             steps=ctx.plan.align_steps,
             seed=ctx.seed,

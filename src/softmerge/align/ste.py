@@ -17,7 +17,7 @@ never scores worse on those batches than weight matching alone.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -32,7 +32,7 @@ from softmerge.align.weight_matching import (
     identity_permutation,
     weight_matching,
 )
-from softmerge.batches import logits_of, split_on
+from softmerge.batches import cycle_batches, first_batches, logits_of, split_on
 from softmerge.errors import PlanError
 from softmerge.evaluation import set_gate_training_mode
 from softmerge.objectives import Objective
@@ -144,22 +144,22 @@ def ste_matching(
     spec: PermutationSpec,
     states: Sequence[State],
     loss_of: LossOf,
-    train_batches: Iterator[Any],
-    select_batches: Sequence[Any],
+    loader: Iterable[Any],
     *,
     reference: int = 0,
     init: Sequence[Mapping[str, torch.Tensor]] | None = None,
     steps: int = STEPS,
     lr: float = LR,
     select_every: int = SELECT_EVERY,
+    select_batches: int = SELECT_BATCHES,
     seed: int = 0,
 ) -> SteResult:
     """Permutations of every model that make the uniform soup score well under ``loss_of``.
 
-    ``train_batches`` yields the batches of the search (one per step), ``select_batches`` the
-    fixed batches the soups are scored on. ``init`` (one permutation per model) is where the
-    search starts; by default weight matching to ``states[reference]``. The reference keeps its
-    unit order. Deterministic given ``seed`` and the batches."""
+    The soups are scored on the first ``select_batches`` batches of one pass of ``loader``;
+    the search then takes one batch per step, pass after pass. ``init`` (one permutation per
+    model) is where the search starts; by default weight matching to ``states[reference]``.
+    The reference keeps its unit order. Deterministic given ``seed`` and the loader's order."""
     if len(states) < 2:
         raise PlanError(f"STE matching needs at least 2 models, got {len(states)}")
     if steps < 0 or select_every < 1 or not lr > 0:
@@ -167,8 +167,8 @@ def ste_matching(
             f"STE matching needs steps >= 0, select_every >= 1 and lr > 0; got steps={steps}, "
             f"select_every={select_every}, lr={lr}"
         )
-    if not select_batches:
-        raise PlanError("STE matching needs at least one selection batch")
+    if select_batches < 1:
+        raise PlanError(f"STE matching needs select_batches >= 1, got {select_batches}")
     ref = states[reference]
     others = [i for i in range(len(states)) if i != reference]
     if init is None:
@@ -188,11 +188,13 @@ def ste_matching(
         for i in others
     }
     optimizer = torch.optim.Adam([p for d in free.values() for p in d.values()], lr=lr)
+    selection = first_batches(loader, select_batches)
+    train_batches = cycle_batches(loader)
 
     def score(projected: Mapping[int, State]) -> float:
         soup = _soup(ref, [projected[i] for i in others])
         with torch.no_grad():
-            return sum(float(loss_of(soup, b)) for b in select_batches) / len(select_batches)
+            return sum(float(loss_of(soup, b)) for b in selection) / len(selection)
 
     best = (score(start), 0, {i: dict(current[i]) for i in others})
     loss_start = best[0]

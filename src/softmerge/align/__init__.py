@@ -59,6 +59,7 @@ __all__ = [
     "align_context",
     "apply_permutation",
     "context_spec",
+    "functional_loss",
     "identity_permutation",
     "matching_cost",
     "merge_many",

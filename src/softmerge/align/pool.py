@@ -32,6 +32,7 @@ from softmerge.align.weight_matching import (
     identity_permutation,
     matching_cost,
     merge_many,
+    weight_matched_to,
     weight_matching,
 )
 from softmerge.batches import untouched_order
@@ -224,14 +225,9 @@ def _merge_many(
     cands = [c for c, ok in zip(ctx.pool, ctx.active, strict=True) if ok]
     if ctx.base_candidate is not None:
         cands.append(ctx.base_candidate)
-    states = [_read(c) for c in cands]
+    states = [reference if c is ctx.pool[ctx.reference] else _read(c) for c in cands]
     ref = next(i for i, c in enumerate(cands) if c is ctx.pool[ctx.reference])
-    init = [
-        identity_permutation(spec)
-        if i == ref
-        else weight_matching(spec, reference, state, seed=ctx.seed)
-        for i, state in enumerate(states)
-    ]
+    init = weight_matched_to(spec, states, ref, seed=ctx.seed)
     perms = merge_many(spec, states, seed=ctx.seed, reference=ref, init=init)
     del states
     for c in cands:

@@ -30,6 +30,7 @@ from softmerge.align.spec import PermutationSpec
 from softmerge.align.weight_matching import (
     apply_permutation,
     identity_permutation,
+    weight_matched_to,
     weight_matching,
 )
 from softmerge.batches import cycle_batches, first_batches, logits_of, split_on
@@ -172,12 +173,7 @@ def ste_matching(
     ref = states[reference]
     others = [i for i in range(len(states)) if i != reference]
     if init is None:
-        init = [
-            identity_permutation(spec)
-            if i == reference
-            else weight_matching(spec, ref, states[i], seed=seed)
-            for i in range(len(states))
-        ]
+        init = weight_matched_to(spec, states, reference, seed=seed)
     current = {i: {g: torch.as_tensor(p).clone() for g, p in init[i].items()} for i in others}
     matched = set(spec.permuted_keys()) - set(spec.buffers)
     if not matched:

@@ -29,6 +29,7 @@ __all__ = [
     "matching_cost",
     "merge_many",
     "permute_axis",
+    "weight_matched_to",
     "weight_matching",
 ]
 
@@ -170,6 +171,19 @@ def weight_matching(
         if not improved:
             break
     return perms
+
+
+def weight_matched_to(
+    spec: PermutationSpec, states: Sequence[State], reference: int, *, seed: int = 0
+) -> list[Perms]:
+    """One permutation per model: weight matching to ``states[reference]`` (the identity for
+    the reference itself). Where MergeMany and STE matching start from."""
+    return [
+        identity_permutation(spec)
+        if i == reference
+        else weight_matching(spec, states[reference], state, seed=seed)
+        for i, state in enumerate(states)
+    ]
 
 
 def matching_cost(

@@ -181,6 +181,36 @@ def test_non_finite_candidates_are_left_as_they_are():
     assert_same_state(dict(ctx.pool[0].state), dict(ctx.pool[1].state))
 
 
+@pytest.mark.parametrize("align", ["weight_matching", "merge_many", "ste"])
+def test_each_candidate_is_read_once_by_the_alignment(align, monkeypatch):
+    """The searches over every candidate at once (MergeMany, STE) permute the weights they
+    already read; no candidate (base included) is read a second time to apply its permutation."""
+    from softmerge.align import pool
+
+    reads: list[str] = []
+    real_read = pool._read
+
+    def counting_read(cand):
+        reads.append(cand.name)
+        return real_read(cand)
+
+    monkeypatch.setattr(pool, "_read", counting_read)
+    model, x = zoo("mlp")
+    base, *copies = permuted_copies(model, x, 4)
+    ctx = MergeContext(
+        model,
+        [base, *copies],
+        names=["base", "a", "b", "c"],
+        plan=MergePlan(align=align, align_steps=5, base="base"),
+        merge_loader=loader_of(x),
+    )
+    assert sorted(reads) == ["a", "b", "base", "c"]
+    reference = dict(ctx.pool[ctx.reference].state)
+    for cand in ctx.pool:
+        assert_same_state(dict(cand.state), reference)
+    assert_same_state(dict(ctx.base_candidate.state), reference)
+
+
 class Cat(nn.Module):
     """Two branches concatenated: torch.cat is outside what the tracer handles."""
 

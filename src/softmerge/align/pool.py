@@ -167,22 +167,27 @@ def align_context(ctx: MergeContext) -> AlignmentReport:
         groups={name: g.size for name, g in spec.groups.items()},
         seed=ctx.seed,
     )
-    many = None
+    # MergeMany and STE search with every candidate at once: their permutations by name, and
+    # the states they read, which are permuted from memory instead of being read again.
+    many: dict[str, dict[str, torch.Tensor]] | None = None
+    read: dict[str, State] = {}
     if method == "merge_many":
-        many = _merge_many(ctx, spec, reference)
+        many, read = _merge_many(ctx, spec, reference)
     elif method == "ste":
-        many, report.ste = _ste(ctx, spec, reference)
+        many, read, report.ste = _ste(ctx, spec, reference)
     for i, cand in enumerate(pool):
         if i == index:
             report.candidates.append(_entry(i, cand.name, identity_permutation(spec), 0.0, 0.0))
         elif not active[i]:
             report.skipped.append(cand.name)
         else:
-            pool[i], entry = _align_one(ctx, spec, reference, cand, i, many)
+            state = read.pop(cand.name, None)
+            pool[i], entry = _align_one(ctx, spec, reference, cand, i, many, state)
             report.candidates.append(entry)
     base = ctx.base_candidate
     if base is not None:
-        aligned_base, entry = _align_one(ctx, spec, reference, base, -1, many)
+        state = read.pop(base.name, None)
+        aligned_base, entry = _align_one(ctx, spec, reference, base, -1, many, state)
         ctx.base_candidate, report.base = aligned_base, entry
     report.seconds = round(time.perf_counter() - start, 3)
     log.info(
@@ -202,9 +207,12 @@ def _align_one(
     cand: Candidate,
     index: int,
     many: dict[str, dict[str, torch.Tensor]] | None,
+    state: State | None = None,
 ) -> tuple[Candidate, CandidateAlignment]:
-    state = _read(cand)
-    spec.check(state, f"candidate {cand.name}")
+    """Permute one candidate (``state``: its weights when a search already read them)."""
+    if state is None:
+        state = _read(cand)
+        spec.check(state, f"candidate {cand.name}")
     perm = many.get(cand.name) if many is not None else None
     if perm is None:
         perm = _permutation(ctx, spec, reference, state)
@@ -215,37 +223,58 @@ def _align_one(
     return _aligned(cand, aligned), _entry(index, cand.name, perm, before, after)
 
 
+def _read_all(
+    ctx: MergeContext, spec: PermutationSpec, cands: list[Candidate], reference: State
+) -> tuple[list[State], int]:
+    """Every candidate's weights for a search over all of them (the reference as given), and
+    the reference's position among them."""
+    ref_cand = ctx.pool[ctx.reference]
+    states = []
+    for c in cands:
+        if c is ref_cand:  # read and checked by align_context
+            states.append(reference)
+            continue
+        states.append(_read(c))
+        spec.check(states[-1], f"candidate {c.name}")
+    return states, next(i for i, c in enumerate(cands) if c is ref_cand)
+
+
+def _by_name(
+    ctx: MergeContext, cands: list[Candidate], states: list[State], perms: list
+) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, State]]:
+    """Permutations by candidate name, and the states read (the reference's left out)."""
+    ref_cand = ctx.pool[ctx.reference]
+    read = {c.name: s for c, s in zip(cands, states, strict=True) if c is not ref_cand}
+    return {c.name: p for c, p in zip(cands, perms, strict=True)}, read
+
+
 def _merge_many(
     ctx: MergeContext, spec: PermutationSpec, reference: State
-) -> dict[str, dict[str, torch.Tensor]]:
-    """MergeMany needs every model at once: permutations by candidate name (base included).
+) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, State]]:
+    """MergeMany needs every model at once (base included): permutations and states by name.
     It starts from weight matching to the reference (measured on S2, MNIST MLPs: the aligned
     uniform soup 1.9 pt below the best single model from the weight matching alone, 1.0 pt
     after MergeMany from there, 1.1 pt after MergeMany from the identity)."""
     cands = [c for c, ok in zip(ctx.pool, ctx.active, strict=True) if ok]
     if ctx.base_candidate is not None:
         cands.append(ctx.base_candidate)
-    states = [reference if c is ctx.pool[ctx.reference] else _read(c) for c in cands]
-    ref = next(i for i, c in enumerate(cands) if c is ctx.pool[ctx.reference])
+    states, ref = _read_all(ctx, spec, cands, reference)
     init = weight_matched_to(spec, states, ref, seed=ctx.seed)
     perms = merge_many(spec, states, seed=ctx.seed, reference=ref, init=init)
-    del states
-    for c in cands:
-        c.close()
-    return {c.name: p for c, p in zip(cands, perms, strict=True)}
+    return _by_name(ctx, cands, states, perms)
 
 
 def _ste(
     ctx: MergeContext, spec: PermutationSpec, reference: State
-) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]]:
+) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, State], dict[str, Any]]:
     """STE matching of the finite candidates (the reference as it is), against the uniform
-    soup's loss under the merge objective on the merge data: permutations by candidate name
-    and the search's note. The merge loader's shuffle order is left untouched."""
+    soup's loss under the merge objective on the merge data: permutations and states by
+    candidate name, and the search's note. The merge loader's shuffle order is left
+    untouched."""
     loader = ctx.require_data("plan.align 'ste'")
     model = ctx.require_model("plan.align 'ste'")
     cands = [c for c, ok in zip(ctx.pool, ctx.active, strict=True) if ok]
-    states = [reference if c is ctx.pool[ctx.reference] else _read(c) for c in cands]
-    ref = next(i for i, c in enumerate(cands) if c is ctx.pool[ctx.reference])
+    states, ref = _read_all(ctx, spec, cands, reference)
     loss_of = functional_loss(model, ctx.objective_fn, ctx.device, prepare=ctx.model_state)
 
     def search() -> SteResult:
@@ -260,10 +289,8 @@ def _ste(
         )
 
     result = untouched_order(loader, search)
-    for c in cands:
-        if c is not ctx.pool[ctx.reference]:
-            c.close()
-    return {c.name: p for c, p in zip(cands, result.perms, strict=True)}, result.note()
+    perms, read = _by_name(ctx, cands, states, result.perms)
+    return perms, read, result.note()
 
 
 # ---------------------------------------------------------------------------------------------

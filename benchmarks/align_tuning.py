@@ -1,0 +1,169 @@
+"""Soft-merge settings on one STE-aligned S2 pool: which fit gets past the best single model?
+
+    python benchmarks/align_tuning.py [--out bench-out] [--families mnist_mlp_indep ...]
+
+Issue 13 asks the aligned soft merge for best single + 0.5 pt. Per family and seed, this aligns
+the five candidates of ``make bench``'s S2 (the same cache under ``--out``) once by STE, with
+the candidate of best merge-split accuracy as the reference (``make bench`` ranks by solo loss
+instead, so its rows differ), then runs soft merges with the settings of ``VARIANTS`` on that
+one pool. ``distill`` rows learn against the output ensemble's mean prediction on the merge
+split (``alpha``: the weight of the labels' cross-entropy). Prints test accuracy minus the best
+single model, mean and per seed, and writes ``align_tuning.json`` beside the cache.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from models import build
+from run import Runner, accuracy, batches, merge_loader, predict
+from settings import SCALES
+from torch.utils.data import TensorDataset
+
+from softmerge.align import align_candidates
+from softmerge.data import resolve_mnist
+from softmerge.methods import MergeContext, get_method
+from softmerge.plan import MergePlan
+
+TUNED = {"steps": 1000, "optimizer": "adam", "lr": 0.05}
+# label -> (granularity, fit, plan, distillation alpha or None)
+VARIANTS: dict[str, tuple[str, dict[str, Any], dict[str, Any], float | None]] = {
+    "soft (tensor), defaults": ("tensor", {"steps": 300}, {}, None),
+    "soft (channel), defaults": ("channel", {"steps": 300}, {}, None),
+    "tuned: channel, Adam lr 0.05, 1000 steps": ("channel", TUNED, {}, None),
+    "tuned, 2000 steps": ("channel", {**TUNED, "steps": 2000}, {}, None),
+    "tuned, lr 0.02": ("channel", {**TUNED, "lr": 0.02}, {}, None),
+    "tuned, lr 0.1": ("channel", {**TUNED, "lr": 0.1}, {}, None),
+    "tuned, no warm-up": ("channel", {**TUNED, "warmup": 0.0}, {}, None),
+    "tuned, l0_lambda 0": ("channel", {**TUNED, "l0_lambda": 0.0}, {}, None),
+    "tuned, module gates": ("module", TUNED, {}, None),
+    "tuned, tensor gates": ("tensor", TUNED, {}, None),
+    "tuned + REPAIR": ("channel", TUNED, {"repair": True}, None),
+    "tuned, distill (alpha 0.5)": ("channel", TUNED, {}, 0.5),
+    "tuned, distill (alpha 0)": ("channel", TUNED, {}, 0.0),
+}
+
+
+def distillation(alpha: float):
+    """Loss against targets packed as [label, ensemble probabilities...] per sample."""
+
+    def loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        labels, teacher = target[:, 0].long(), target[:, 1:]
+        kl = F.kl_div(F.log_softmax(logits, -1), teacher, reduction="batchmean")
+        return alpha * F.cross_entropy(logits, labels) + (1 - alpha) * kl
+
+    return loss
+
+
+def ensemble_targets(arch: str, states: list, merge: TensorDataset) -> TensorDataset:
+    x, y = merge.tensors
+    with torch.no_grad():
+        probs = []
+        for state in states:
+            model = build(arch)
+            model.load_state_dict(state)
+            probs.append(F.softmax(model.eval()(x), -1))
+    return TensorDataset(x, torch.cat([y.float()[:, None], torch.stack(probs).mean(0)], 1))
+
+
+def run_family(runner: Runner, key: str, seed: int, out: list[dict]) -> None:
+    fam = runner.family(key, seed)
+    arch, splits = fam.family.arch, runner.cache.data(fam.family)
+    names, states = list(fam.clean), list(fam.clean.values())
+    test, merge = batches(splits.test), batches(splits.merge)
+
+    def scores(model: torch.nn.Module, data: list) -> tuple[float, float]:
+        pred, y, loss = predict(model, data)
+        return accuracy(pred, y), loss
+
+    def model_of(state: dict) -> torch.nn.Module:
+        model = build(arch)
+        model.load_state_dict(state)
+        return model
+
+    merge_acc = [scores(model_of(s), merge)[0] for s in states]
+    best = max(range(len(states)), key=merge_acc.__getitem__)
+    best_acc = scores(model_of(states[best]), test)[0]
+    batch = runner.scale.batch_size
+    t0 = time.perf_counter()
+    aligned, _ = align_candidates(
+        build(arch),
+        states,
+        reference_index=best,
+        method="ste",
+        loader=merge_loader(splits.merge, seed, batch),
+        seed=seed,
+    )
+    logging.info(
+        "%s seed %d: STE %.0f s, best single %.2f", key, seed, time.perf_counter() - t0, best_acc
+    )
+    distilled = ensemble_targets(arch, aligned, splits.merge)
+    for label, (granularity, fit, plan, alpha) in VARIANTS.items():
+        data = splits.merge if alpha is None else distilled
+        objective = "auto" if alpha is None else distillation(alpha)
+        ctx = MergeContext(
+            model=build(arch),
+            candidates=aligned,
+            names=names,
+            plan=MergePlan(granularity=granularity, **plan),
+            merge_loader=merge_loader(data, seed, batch),
+            seed=seed,
+            objective=objective,  # ranks the candidates
+        )
+        t0 = time.perf_counter()
+        outcome = get_method("soft", **fit, objective=objective).merge(ctx)
+        acc, loss = scores(outcome.model, test)
+        rec = {"family": key, "seed": seed, "row": label, "test_acc": acc, "test_loss": loss}
+        rec |= {"gap": acc - best_acc, "seconds": time.perf_counter() - t0}
+        logging.info("  %-45s %6.2f %% (%+.2f)  loss %.3f", label, acc, rec["gap"], loss)
+        out.append(rec)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("bench-out"))
+    parser.add_argument("--mnist", type=Path)
+    parser.add_argument("--families", nargs="+", default=["digits_mlp_indep", "mnist_mlp_indep"])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("softmerge").setLevel(logging.ERROR)
+    scale = SCALES["full"]
+    mnist = resolve_mnist(args.mnist) if "mnist_mlp_indep" in args.families else None
+    runner = Runner(scale, args.out, mnist, ["S2"])
+    start = time.perf_counter()
+    records: list[dict] = []
+    for seed in args.seeds:
+        for key in args.families:
+            run_family(runner, key, seed, records)
+    minutes = (time.perf_counter() - start) / 60
+    print(f"\nseeds {args.seeds}, {torch.get_num_threads()} thread(s), {minutes:.1f} min\n")
+    print("| row | " + " | ".join(args.families) + " |")
+    print("| --- |" + " ---: |" * len(args.families))
+    for label in VARIANTS:
+        cells = []
+        for key in args.families:
+            gaps = [r["gap"] for r in records if r["family"] == key and r["row"] == label]
+            per_seed = "/".join(f"{g:+.2f}" for g in gaps)
+            cells.append(f"{statistics.fmean(gaps):+.2f} ({per_seed})")
+        print(f"| {label} | " + " | ".join(cells) + " |")
+    out = args.out / "align_tuning.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    meta = {"seeds": args.seeds, "threads": torch.get_num_threads(), "minutes": minutes}
+    meta["omp_wait_policy"] = os.environ.get("OMP_WAIT_POLICY")
+    tmp.write_text(json.dumps({**meta, "records": records}, indent=1))
+    os.replace(tmp, out)
+
+
+if __name__ == "__main__":
+    main()

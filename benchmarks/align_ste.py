@@ -88,8 +88,10 @@ def gap_table(records: list[dict]) -> tuple[str, dict]:
     return "\n".join(lines), summary
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def s2_runner(description: str) -> tuple[argparse.Namespace, Runner]:
+    """The command line of the S2 alignment scripts (--out, --mnist, --families, --seeds) and
+    a full-scale S2 Runner over the candidate cache under --out; logging set up."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--out", type=Path, default=Path("bench-out"))
     parser.add_argument("--mnist", type=Path)
     parser.add_argument("--families", nargs="+", default=["digits_mlp_indep", "mnist_mlp_indep"])
@@ -97,9 +99,13 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("softmerge").setLevel(logging.ERROR)
-    scale = SCALES["full"]
     mnist = resolve_mnist(args.mnist) if "mnist_mlp_indep" in args.families else None
-    runner = Runner(scale, args.out, mnist, ["S2"])
+    return args, Runner(SCALES["full"], args.out, mnist, ["S2"])
+
+
+def main() -> None:
+    args, runner = s2_runner(__doc__.split("\n")[0])
+    scale = runner.scale
     start = time.perf_counter()
     for seed in args.seeds:
         for key in args.families:

@@ -13,24 +13,21 @@ single model, mean and per seed, and writes ``align_tuning.json`` beside the cac
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
 import statistics
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from align_ste import s2_runner
 from models import build
 from run import Runner, accuracy, batches, merge_loader, predict
-from settings import SCALES
 from torch.utils.data import TensorDataset
 
 from softmerge.align import align_candidates
-from softmerge.data import resolve_mnist
 from softmerge.methods import MergeContext, get_method
 from softmerge.plan import MergePlan
 
@@ -129,17 +126,7 @@ def run_family(runner: Runner, key: str, seed: int, out: list[dict]) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", type=Path, default=Path("bench-out"))
-    parser.add_argument("--mnist", type=Path)
-    parser.add_argument("--families", nargs="+", default=["digits_mlp_indep", "mnist_mlp_indep"])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    logging.getLogger("softmerge").setLevel(logging.ERROR)
-    scale = SCALES["full"]
-    mnist = resolve_mnist(args.mnist) if "mnist_mlp_indep" in args.families else None
-    runner = Runner(scale, args.out, mnist, ["S2"])
+    args, runner = s2_runner(__doc__.split("\n")[0])
     start = time.perf_counter()
     records: list[dict] = []
     for seed in args.seeds:

@@ -103,6 +103,22 @@ def s2_runner(description: str) -> tuple[argparse.Namespace, Runner]:
     return args, Runner(SCALES["full"], args.out, mnist, ["S2"])
 
 
+def write_run(args: argparse.Namespace, name: str, minutes: float, results: dict) -> None:
+    """``results`` with the run's seeds, threads and minutes, as ``name`` under --out, written
+    atomically."""
+    out = args.out / name
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "seeds": args.seeds,
+        "threads": torch.get_num_threads(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+        "minutes": minutes,
+    }
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps({**meta, **results}, indent=1, default=str))
+    os.replace(tmp, out)
+
+
 def main() -> None:
     args, runner = s2_runner(__doc__.split("\n")[0])
     scale = runner.scale
@@ -115,27 +131,11 @@ def main() -> None:
     minutes = (time.perf_counter() - start) / 60
     print(f"\nseeds {args.seeds}, {torch.get_num_threads()} thread(s), {minutes:.1f} min\n")
     print(table)
-    out = args.out / "align_ste.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(
-        json.dumps(
-            {
-                "seeds": args.seeds,
-                "threads": torch.get_num_threads(),
-                "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
-                "minutes": minutes,
-                "summary": summary,
-                "records": [
-                    {k: v for k, v in r.items() if isinstance(v, (int, float, str, list, dict))}
-                    for r in runner.records
-                ],
-            },
-            indent=1,
-            default=str,
-        )
-    )
-    os.replace(tmp, out)
+    records = [
+        {k: v for k, v in r.items() if isinstance(v, (int, float, str, list, dict))}
+        for r in runner.records
+    ]
+    write_run(args, "align_ste.json", minutes, {"summary": summary, "records": records})
 
 
 if __name__ == "__main__":

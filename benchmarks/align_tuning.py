@@ -13,40 +13,37 @@ single model, mean and per seed, and writes ``align_tuning.json`` beside the cac
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import statistics
 import time
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from align_ste import s2_runner
+from align_ste import TUNED_FIT, s2_runner, write_run
 from models import build
-from run import Runner, accuracy, batches, merge_loader, predict
+from run import Runner, accuracy, batches, merge_loader, model_with, predict
 from torch.utils.data import TensorDataset
 
 from softmerge.align import align_candidates
 from softmerge.methods import MergeContext, get_method
 from softmerge.plan import MergePlan
 
-TUNED = {"steps": 1000, "optimizer": "adam", "lr": 0.05}
 # label -> (granularity, fit, plan, distillation alpha or None)
 VARIANTS: dict[str, tuple[str, dict[str, Any], dict[str, Any], float | None]] = {
     "soft (tensor), defaults": ("tensor", {"steps": 300}, {}, None),
     "soft (channel), defaults": ("channel", {"steps": 300}, {}, None),
-    "tuned: channel, Adam lr 0.05, 1000 steps": ("channel", TUNED, {}, None),
-    "tuned, 2000 steps": ("channel", {**TUNED, "steps": 2000}, {}, None),
-    "tuned, lr 0.02": ("channel", {**TUNED, "lr": 0.02}, {}, None),
-    "tuned, lr 0.1": ("channel", {**TUNED, "lr": 0.1}, {}, None),
-    "tuned, no warm-up": ("channel", {**TUNED, "warmup": 0.0}, {}, None),
-    "tuned, l0_lambda 0": ("channel", {**TUNED, "l0_lambda": 0.0}, {}, None),
-    "tuned, module gates": ("module", TUNED, {}, None),
-    "tuned, tensor gates": ("tensor", TUNED, {}, None),
-    "tuned + REPAIR": ("channel", TUNED, {"repair": True}, None),
-    "tuned, distill (alpha 0.5)": ("channel", TUNED, {}, 0.5),
-    "tuned, distill (alpha 0)": ("channel", TUNED, {}, 0.0),
+    "tuned: channel, Adam lr 0.05, 1000 steps": ("channel", TUNED_FIT, {}, None),
+    "tuned, 2000 steps": ("channel", {**TUNED_FIT, "steps": 2000}, {}, None),
+    "tuned, lr 0.02": ("channel", {**TUNED_FIT, "lr": 0.02}, {}, None),
+    "tuned, lr 0.1": ("channel", {**TUNED_FIT, "lr": 0.1}, {}, None),
+    "tuned, no warm-up": ("channel", {**TUNED_FIT, "warmup": 0.0}, {}, None),
+    "tuned, l0_lambda 0": ("channel", {**TUNED_FIT, "l0_lambda": 0.0}, {}, None),
+    "tuned, module gates": ("module", TUNED_FIT, {}, None),
+    "tuned, tensor gates": ("tensor", TUNED_FIT, {}, None),
+    "tuned + REPAIR": ("channel", TUNED_FIT, {"repair": True}, None),
+    "tuned, distill (alpha 0.5)": ("channel", TUNED_FIT, {}, 0.5),
+    "tuned, distill (alpha 0)": ("channel", TUNED_FIT, {}, 0.0),
 }
 
 
@@ -66,9 +63,7 @@ def ensemble_targets(arch: str, states: list, merge: TensorDataset) -> TensorDat
     with torch.no_grad():
         probs = []
         for state in states:
-            model = build(arch)
-            model.load_state_dict(state)
-            probs.append(F.softmax(model.eval()(x), -1))
+            probs.append(F.softmax(model_with(arch, state)(x), -1))
     return TensorDataset(x, torch.cat([y.float()[:, None], torch.stack(probs).mean(0)], 1))
 
 
@@ -82,14 +77,9 @@ def run_family(runner: Runner, key: str, seed: int, out: list[dict]) -> None:
         pred, y, loss = predict(model, data)
         return accuracy(pred, y), loss
 
-    def model_of(state: dict) -> torch.nn.Module:
-        model = build(arch)
-        model.load_state_dict(state)
-        return model
-
-    merge_acc = [scores(model_of(s), merge)[0] for s in states]
+    merge_acc = [scores(model_with(arch, s), merge)[0] for s in states]
     best = max(range(len(states)), key=merge_acc.__getitem__)
-    best_acc = scores(model_of(states[best]), test)[0]
+    best_acc = scores(model_with(arch, states[best]), test)[0]
     batch = runner.scale.batch_size
     t0 = time.perf_counter()
     aligned, _ = align_candidates(
@@ -143,13 +133,7 @@ def main() -> None:
             per_seed = "/".join(f"{g:+.2f}" for g in gaps)
             cells.append(f"{statistics.fmean(gaps):+.2f} ({per_seed})")
         print(f"| {label} | " + " | ".join(cells) + " |")
-    out = args.out / "align_tuning.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    meta = {"seeds": args.seeds, "threads": torch.get_num_threads(), "minutes": minutes}
-    meta["omp_wait_policy"] = os.environ.get("OMP_WAIT_POLICY")
-    tmp.write_text(json.dumps({**meta, "records": records}, indent=1))
-    os.replace(tmp, out)
+    write_run(args, "align_tuning.json", minutes, {"records": records})
 
 
 if __name__ == "__main__":

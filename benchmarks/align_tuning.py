@@ -7,8 +7,12 @@ the five candidates of ``make bench``'s S2 (the same cache under ``--out``) once
 the candidate of best merge-split accuracy as the reference (``make bench`` ranks by solo loss
 instead, so its rows differ), then runs soft merges with the settings of ``VARIANTS`` on that
 one pool. ``distill`` rows learn against the output ensemble's mean prediction on the merge
-split (``alpha``: the weight of the labels' cross-entropy). Prints test accuracy minus the best
-single model, mean and per seed, and writes ``align_tuning.json`` beside the cache.
+split (``alpha``: the weight of the labels' cross-entropy). ``REFERENCE`` as ``plan.base``
+stands for the reference candidate: a delta merge around it. ``unit`` rows gate whole hidden
+units (``plan.granularity: unit``: a unit's incoming and outgoing weights by the same gates).
+Prints test accuracy minus the best single model, mean and per seed, then the same on the
+merge split the gates were fitted on (how much of a gain is overfitting) and the candidates left
+open, and writes ``align_tuning.json`` beside the cache.
 """
 
 from __future__ import annotations
@@ -29,6 +33,9 @@ from softmerge.align import align_candidates
 from softmerge.methods import MergeContext, get_method
 from softmerge.plan import MergePlan
 
+REFERENCE = "<reference>"  # plan.base: the candidate every other one was aligned to
+AROUND_REFERENCE = {"combine": "delta", "base": REFERENCE, "delta_scale": "learn"}
+
 # label -> (granularity, fit, plan, distillation alpha or None)
 VARIANTS: dict[str, tuple[str, dict[str, Any], dict[str, Any], float | None]] = {
     "soft (tensor), defaults": ("tensor", {"steps": 300}, {}, None),
@@ -39,11 +46,28 @@ VARIANTS: dict[str, tuple[str, dict[str, Any], dict[str, Any], float | None]] = 
     "tuned, lr 0.1": ("channel", {**TUNED_FIT, "lr": 0.1}, {}, None),
     "tuned, no warm-up": ("channel", {**TUNED_FIT, "warmup": 0.0}, {}, None),
     "tuned, l0_lambda 0": ("channel", {**TUNED_FIT, "l0_lambda": 0.0}, {}, None),
+    "tuned, l0_lambda 0.003": ("channel", {**TUNED_FIT, "l0_lambda": 0.003}, {}, None),
+    "tuned, l0_lambda 0.01": ("channel", {**TUNED_FIT, "l0_lambda": 0.01}, {}, None),
+    "tuned, no candidate gates": ("channel", TUNED_FIT, {"candidate_gate": False}, None),
     "tuned, module gates": ("module", TUNED_FIT, {}, None),
     "tuned, tensor gates": ("tensor", TUNED_FIT, {}, None),
     "tuned + REPAIR": ("channel", TUNED_FIT, {"repair": True}, None),
     "tuned, distill (alpha 0.5)": ("channel", TUNED_FIT, {}, 0.5),
     "tuned, distill (alpha 0)": ("channel", TUNED_FIT, {}, 0.0),
+    "unit gates, tuned fit": ("unit", TUNED_FIT, {}, None),
+    "unit gates, 3000 steps": ("unit", {**TUNED_FIT, "steps": 3000}, {}, None),
+    "unit gates, 2000 steps, no warm-up, solo_prior 0": (
+        "unit",
+        {**TUNED_FIT, "steps": 2000, "warmup": 0.0, "solo_prior": 0.0},
+        {},
+        None,
+    ),
+    "tuned, delta around the reference, learned scale": (
+        "channel",
+        TUNED_FIT,
+        AROUND_REFERENCE,
+        None,
+    ),
 }
 
 
@@ -80,6 +104,7 @@ def run_family(runner: Runner, key: str, seed: int, out: list[dict]) -> None:
     merge_acc = [scores(model_with(arch, s), merge)[0] for s in states]
     best = max(range(len(states)), key=merge_acc.__getitem__)
     best_acc = scores(model_with(arch, states[best]), test)[0]
+    best_merge_acc = merge_acc[best]
     batch = runner.scale.batch_size
     t0 = time.perf_counter()
     aligned, _ = align_candidates(
@@ -96,6 +121,8 @@ def run_family(runner: Runner, key: str, seed: int, out: list[dict]) -> None:
     distilled = ensemble_targets(arch, aligned, splits.merge)
     for label, (granularity, fit, plan, alpha) in VARIANTS.items():
         data = splits.merge if alpha is None else distilled
+        if plan.get("base") == REFERENCE:
+            plan = {**plan, "base": names[best]}
         objective = "auto" if alpha is None else distillation(alpha)
         ctx = MergeContext(
             model=build(arch),
@@ -108,11 +135,34 @@ def run_family(runner: Runner, key: str, seed: int, out: list[dict]) -> None:
         )
         t0 = time.perf_counter()
         outcome = get_method("soft", **fit, objective=objective).merge(ctx)
+        seconds = time.perf_counter() - t0
         acc, loss = scores(outcome.model, test)
+        fitted_acc = scores(outcome.model, merge)[0]
         rec = {"family": key, "seed": seed, "row": label, "test_acc": acc, "test_loss": loss}
-        rec |= {"gap": acc - best_acc, "seconds": time.perf_counter() - t0}
-        logging.info("  %-45s %6.2f %% (%+.2f)  loss %.3f", label, acc, rec["gap"], loss)
+        rec |= {"gap": acc - best_acc, "merge_gap": fitted_acc - best_merge_acc}
+        gates = outcome.info["merger"].deterministic_gates()
+        rec |= {"open": int((gates.max(1).values > 0).sum()), "seconds": seconds}
+        logging.info(
+            "  %-50s %6.2f %% (%+.2f)  loss %.3f  merge split %+.2f  open %d",
+            *(label, acc, rec["gap"], loss, rec["merge_gap"], rec["open"]),
+        )
         out.append(rec)
+
+
+def print_table(records: list[dict], families: list[str], field: str) -> None:
+    """One row per variant, one column per family: the mean of ``field`` (and per seed)."""
+    print("| row | " + " | ".join(families) + " |")
+    print("| --- |" + " ---: |" * len(families))
+    for label in VARIANTS:
+        cells = []
+        for key in families:
+            gaps = [r[field] for r in records if r["family"] == key and r["row"] == label]
+            if field == "open":
+                cells.append("/".join(str(g) for g in gaps))
+                continue
+            per_seed = "/".join(f"{g:+.2f}" for g in gaps)
+            cells.append(f"{statistics.fmean(gaps):+.2f} ({per_seed})")
+        print(f"| {label} | " + " | ".join(cells) + " |")
 
 
 def main() -> None:
@@ -123,16 +173,14 @@ def main() -> None:
         for key in args.families:
             run_family(runner, key, seed, records)
     minutes = (time.perf_counter() - start) / 60
-    print(f"\nseeds {args.seeds}, {torch.get_num_threads()} thread(s), {minutes:.1f} min\n")
-    print("| row | " + " | ".join(args.families) + " |")
-    print("| --- |" + " ---: |" * len(args.families))
-    for label in VARIANTS:
-        cells = []
-        for key in args.families:
-            gaps = [r["gap"] for r in records if r["family"] == key and r["row"] == label]
-            per_seed = "/".join(f"{g:+.2f}" for g in gaps)
-            cells.append(f"{statistics.fmean(gaps):+.2f} ({per_seed})")
-        print(f"| {label} | " + " | ".join(cells) + " |")
+    print(f"\nseeds {args.seeds}, {torch.get_num_threads()} thread(s), {minutes:.1f} min")
+    for field, what in (
+        ("gap", "test accuracy minus the best single model's"),
+        ("merge_gap", "the same on the merge split (what the gates were fitted on)"),
+        ("open", "candidates with an open gate"),
+    ):
+        print(f"\n{what}\n")
+        print_table(records, args.families, field)
     write_run(args, "align_tuning.json", minutes, {"records": records})
 
 

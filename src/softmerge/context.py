@@ -53,7 +53,7 @@ from .evaluation import (
 from .hf import missing_aliases, tied_names
 from .memory import release_memory
 from .objectives import Objective, resolve_objective
-from .plan import GateLayout, MergePlan, build_layout
+from .plan import GateLayout, MergePlan, UnitAxes, build_layout
 from .stack import CandidateStack, parse_device, parse_dtype
 
 log = logging.getLogger("softmerge")
@@ -109,8 +109,8 @@ class MergeContext:
     val_loader: Iterable[Any] | None = None  # scored during a fit (history), never trained on
     checkpoint: CheckpointSpec | None = None
     adapter_base: Any = None  # the base model of LoRA adapter candidates (default: plan.base)
-    # plan.align / plan.repair: the permutation groups (a softmerge.align.PermutationSpec or
-    # its dict form); None derives them from the model by torch.fx tracing.
+    # plan.align / plan.repair / granularity unit: the permutation groups (a
+    # softmerge.align.PermutationSpec or its dict form); None: traced from the model by torch.fx.
     align_spec: Any = None
 
     def __post_init__(self) -> None:
@@ -145,9 +145,7 @@ class MergeContext:
             self.model = None  # the context keeps no reference to the caller's weights
         self.objective_fn: Objective = resolve_objective(self.objective, self.template)
         self.mergeable = self._mergeable_shapes()
-        self.layout: GateLayout = build_layout(
-            self.plan, self.mergeable, channel_axes(self.template)
-        )
+        self.layout: GateLayout = self.layout_for(self.plan.granularity)
         self.merged_names: list[str] = self.layout.merged_names
         self._check_rest_from_name()
         self._solo: dict[str, float] | None = None
@@ -191,9 +189,23 @@ class MergeContext:
         return shapes
 
     def layout_for(self, granularity: str) -> GateLayout:
-        """The gate units of this plan at another granularity (learned soups: per tensor)."""
+        """The gate units of this plan at a granularity (learned soups: per tensor)."""
         plan = self.plan.replace(granularity=granularity)
-        return build_layout(plan, self.mergeable, channel_axes(self.template))  # type: ignore[arg-type]
+        units = self._unit_axes() if granularity == "unit" else None
+        return build_layout(plan, self.mergeable, channel_axes(self.template), units)
+
+    def _unit_axes(self) -> UnitAxes | None:
+        """Granularity unit: the axes of each tensor that the model's hidden units index, from
+        its permutation groups (``align_spec``, else traced on the merge data)."""
+        if self.template is None:
+            return None  # build_layout says what is missing
+        from .align.pool import context_spec
+
+        out: dict[str, dict[int, tuple[str, int, int]]] = {}
+        for group in context_spec(self).groups.values():
+            for ref in group.axes:
+                out.setdefault(ref.key, {})[ref.axis] = (group.name, group.size, ref.block)
+        return out
 
     @property
     def states(self) -> list[Mapping[str, torch.Tensor]]:

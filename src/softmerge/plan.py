@@ -9,6 +9,14 @@ A *gate unit* is one gate per candidate. Granularity decides the units:
   channel gates, so output neuron ``i`` is merged as one piece. The output channel is dim 0,
   except where the layout says otherwise (``channel_axes``: GPT-2's ``Conv1D`` stores its weight
   as (in, out), so its output channel is dim 1).
+- ``unit``: one unit per hidden unit of the model's permutation groups (``softmerge.align``:
+  the same units alignment permutes), covering every axis that indexes it: a hidden unit's
+  incoming row, bias, norm entries *and* outgoing column mix by its gates, so choosing
+  candidate j for a unit takes that unit whole from j. An entry between two hidden units (a
+  weight of a middle layer) mixes the candidates by the product of both units' weights,
+  renormalised; where no candidate is open in both, by the mean of the two. Output channels
+  outside any group (a classifier's classes) get their own units, as ``channel`` does. Meant
+  for aligned pools (``plan.align``); convex merges only.
 
 Parameters outside the plan are not gated: they come unchanged from ``rest_from`` (a named
 candidate, ``average`` or ``best``), which is what makes merging *specific parts* of a network
@@ -28,10 +36,13 @@ from pydantic import Field, field_validator, model_validator
 from .errors import PlanError
 from .schema import Settings
 
-Granularity = Literal["model", "module", "tensor", "channel"]
+Granularity = Literal["model", "module", "tensor", "channel", "unit"]
 Combine = Literal["convex", "delta"]
 Align = Literal["none", "weight_matching", "activation_matching", "merge_many", "ste"]
-GRANULARITIES: tuple[str, ...] = ("model", "module", "tensor", "channel")
+GRANULARITIES: tuple[str, ...] = ("model", "module", "tensor", "channel", "unit")
+# granularity "unit": tensor name -> axis -> (permutation group, its size, block), where block
+# consecutive entries of the axis belong to one unit (a Linear reading a flattened feature map)
+UnitAxes = Mapping[str, Mapping[int, tuple[str, int, int]]]
 COMBINES: tuple[str, ...] = ("convex", "delta")
 LEARN = "learn"  # plan.delta_scale: learned with the gates instead of fixed
 
@@ -74,6 +85,11 @@ class MergePlan(Settings):
             raise ValueError("combine 'delta' needs a base model: set plan.base")
         if self.delta_scale == LEARN and self.combine != "delta":
             raise ValueError("delta_scale 'learn' scales task vectors: it needs combine 'delta'")
+        if self.granularity == "unit" and self.combine != "convex":
+            raise ValueError(
+                "granularity 'unit' mixes an entry by the product of its units' convex weights: "
+                "it needs combine 'convex'"
+            )
         return self
 
     @property
@@ -86,12 +102,15 @@ class Slot:
     """One merged tensor and the gate units it reads: ``units[start : start + count]``.
 
     ``axis`` is the tensor dimension that unit k gates (channel granularity), or None when one
-    unit gates the whole tensor."""
+    unit gates the whole tensor. ``inputs`` (unit granularity): the tensor's other dimensions
+    indexed by hidden units, as ``(axis, start, count, block)``; an entry's weights are then the
+    product of its units' weights, renormalised (``softmerge.soft``)."""
 
     name: str
     start: int
     count: int
     axis: int | None = None
+    inputs: tuple[tuple[int, int, int, int], ...] = ()
 
     @property
     def per_channel(self) -> bool:
@@ -107,6 +126,27 @@ class GateLayout:
     @property
     def merged_names(self) -> list[str]:
         return [s.name for s in self.slots]
+
+
+def _unit_axes_of(
+    name: str, shape: tuple[int, ...], unit_axes: UnitAxes | None
+) -> dict[int, tuple[str, int, int]]:
+    """Axis -> (group, size, block) of the hidden units indexing ``name`` (granularity unit)."""
+    if unit_axes is None:
+        raise PlanError(
+            "granularity 'unit' needs the model's permutation groups (softmerge.align): give "
+            "the merge a model (and merge data to trace it on)"
+        )
+    out = {}
+    for axis, (group, size, block) in unit_axes.get(name, {}).items():
+        axis %= len(shape)
+        if shape[axis] != size * block:
+            raise PlanError(
+                f"granularity 'unit': {name} has {shape[axis]} entries on dim {axis}, "
+                f"group {group} has {size} units of {block}"
+            )
+        out[axis] = (group, size, block)
+    return out
 
 
 def _matches(name: str, patterns: Sequence[str]) -> bool:
@@ -137,11 +177,13 @@ def build_layout(
     plan: MergePlan,
     shapes: Mapping[str, Sequence[int]],
     channel_axes: Mapping[str, int] | None = None,
+    unit_axes: UnitAxes | None = None,
 ) -> GateLayout:
     """Resolve ``plan`` against the mergeable tensors' shapes (in the model's order).
 
     ``channel_axes`` gives, per module, the weight dimension that holds output channels when it
-    is not 0 (see :func:`softmerge.modelinfo.channel_axes`)."""
+    is not 0 (see :func:`softmerge.modelinfo.channel_axes`). ``unit_axes`` (granularity
+    ``unit`` only, which needs it) gives the axes of each tensor that hidden units index."""
     names = list(shapes)
     merged = select_parameters(plan, names)
     axes = dict(channel_axes or {})
@@ -162,12 +204,25 @@ def build_layout(
             start, count = block("model", ["model"])
         elif plan.granularity == "module":
             start, count = block(("module", module_of(name)), [module_of(name)])
-        elif plan.granularity == "channel" and len(shape) >= 1:
+        elif plan.granularity in ("channel", "unit") and len(shape) >= 1:
             mod = module_of(name)
             # A bias is 1-D: its channels are dim 0 whatever the layout of its weight.
             axis = axes.get(mod, 0) if len(shape) > 1 else 0
-            rows = shape[axis]
-            start, count = block(("channel", mod, rows), [f"{mod}[{i}]" for i in range(rows)])
+            groups = _unit_axes_of(name, shape, unit_axes) if plan.granularity == "unit" else {}
+            if axis in groups:
+                group, size, per = groups.pop(axis)
+                if per != 1:
+                    raise PlanError(f"granularity 'unit': {name}'s output units come in blocks")
+                start, count = block(("group", group), [f"{group}[{i}]" for i in range(size)])
+            else:  # output channels outside any group (a classifier's classes): their own
+                rows = shape[axis]
+                start, count = block(("channel", mod, rows), [f"{mod}[{i}]" for i in range(rows)])
+            inputs = []
+            for other, (group, size, per) in sorted(groups.items()):
+                first, n = block(("group", group), [f"{group}[{i}]" for i in range(size)])
+                inputs.append((other, first, n, per))
+            slots.append(Slot(name, start, count, axis, tuple(inputs)))
+            continue
         else:
             start, count = block(("tensor", name), [name])
         slots.append(Slot(name, start, count, axis))

@@ -55,7 +55,7 @@ from .fit import (
 )
 from .fused import fused_merge
 from .objectives import LossFn, Totals
-from .plan import GateLayout, MergePlan
+from .plan import GateLayout, MergePlan, Slot
 from .results import FinalMerge
 from .step import GateStep
 
@@ -115,6 +115,7 @@ class SoftMerger:
         self.layout: GateLayout = ctx.layout
         self.delta = self.plan.combine == "delta"
         self.stack = ctx.stack(deltas=self.delta)
+        self._check_unit_granularity()
         self.gates = hc.MergeGates(
             len(ctx.pool),
             len(self.layout.units),
@@ -131,6 +132,15 @@ class SoftMerger:
         self.result: FitResult | None = None
         self.path: LambdaPath | None = None  # set by fit_path (and fit with l0_lambda "auto")
         self.final = FinalMerge(self)  # the merge at the test-time gates, and its report
+
+    def _check_unit_granularity(self) -> None:
+        """Granularity unit mixes entry by entry in this process: not over a sharded stack
+        (whose merge is collective), nor for LoRA factors (an entry of B @ A is not stored)."""
+        if self.plan.granularity != "unit":
+            return
+        if self._sharded or self.stack.lowrank:
+            what = "a sharded stack (fit.shard_stack)" if self._sharded else "LoRA adapters"
+            raise PlanError(f"granularity 'unit' cannot merge {what}: use 'channel'")
 
     def _report_excluded(self) -> None:
         for cand, ok in zip(self.ctx.pool, self.ctx.active, strict=True):
@@ -221,15 +231,42 @@ class SoftMerger:
     def slot_weights(
         self, z: torch.Tensor
     ) -> tuple[dict[str, torch.Tensor], dict[str, int | None]]:
-        """Each merged tensor's candidate weights for gates ``z``: (N,) per tensor, or (N, C)
-        per output channel, and the dimension the channels are in."""
+        """Each merged tensor's candidate weights for gates ``z``: (N,) per tensor, (N, C) per
+        output channel, and the dimension the channels are in; or, where hidden units index
+        more than one dimension (granularity unit), (N, *shape) per entry with dimension None."""
         w = self.mixing_weights(z)
         weights, axes = {}, {}
         for slot in self.layout.slots:
             cols = w[:, slot.start : slot.start + slot.count]
+            if slot.inputs:
+                weights[slot.name] = self._entry_weights(w, cols, slot)
+                axes[slot.name] = None
+                continue
             weights[slot.name] = cols if slot.per_channel else cols[:, 0]
             axes[slot.name] = slot.axis
         return weights, axes
+
+    def _entry_weights(self, w: torch.Tensor, cols: torch.Tensor, slot: Slot) -> torch.Tensor:
+        """(N, *shape): each entry mixes by the product of its units' weights, renormalised
+        over the candidates, so a unit taken from candidate j brings j's incoming and outgoing
+        weights alike. Where no candidate is open in all of an entry's units, the mean of the
+        units' weights (still convex)."""
+        shape = self.ctx.mergeable[slot.name]
+
+        def along(weights: torch.Tensor, axis: int) -> torch.Tensor:
+            view = [weights.shape[0]] + [1] * len(shape)
+            view[axis + 1] = weights.shape[1]
+            return weights.reshape(view)
+
+        product = mean = along(cols, slot.axis or 0)
+        for axis, start, units, block in slot.inputs:
+            unit = w[:, start : start + units]
+            unit = along(unit.repeat_interleave(block, dim=1) if block > 1 else unit, axis)
+            product, mean = product * unit, mean + unit
+        mean = mean / (len(slot.inputs) + 1)
+        total = product.sum(0, keepdim=True)
+        mixed = torch.where(total > 0, product / total.clamp_min(1e-12), mean)
+        return mixed.expand(w.shape[0], *shape)
 
     def l0_penalty(self) -> torch.Tensor:
         return self.gates.penalty(convex=not self.delta)

@@ -450,6 +450,9 @@ class CandidateStack:
         out = {}
         for name, w in weights.items():
             axis = (axes or {}).get(name)
+            if self._per_entry(name, w, axis):
+                out[name] = _cast(self._mix_entries(name, w), (dtypes or {}).get(name))
+                continue
             if name in self.lowrank:
                 theta = self.offset[name].float() + self.lowrank[name].delta(w, axis)
                 out[name] = _cast(theta, (dtypes or {}).get(name))
@@ -482,13 +485,35 @@ class CandidateStack:
             if name in lowrank:
                 continue
             axis = (axes or {}).get(name)
+            entries = self._per_entry(name, w, axis)
             with torch.no_grad():
-                theta = _cast(self._mix_step(name, w, axis), (dtypes or {}).get(name))
+                theta = self._mix_entries(name, w) if entries else self._mix_step(name, w, axis)
+                theta = _cast(theta, (dtypes or {}).get(name))
             leaf = theta.detach().requires_grad_(w.requires_grad)
             if w.requires_grad:
-                pending.watch(leaf, w, self._weight_grad_step(name, axis))
+                grad_of = self._entry_grad(name) if entries else self._weight_grad_step(name, axis)
+                pending.watch(leaf, w, grad_of)
             out[name] = leaf
         return out, pending
+
+    def _per_entry(self, name: str, w: torch.Tensor, axis: int | None) -> bool:
+        """Weights (N, *shape), one per entry (granularity unit), rather than (N,) per tensor
+        or (N, C) along ``axis``."""
+        return axis is None and w.dim() > 1 and name not in self.lowrank
+
+    def _mix_entries(self, name: str, w: torch.Tensor) -> torch.Tensor:
+        """``offset + sum_j w[j] * stack[j]`` with a weight per entry, by ordinary autograd
+        (one float32 copy of the stack's tensor per call: meant for the small aligned models
+        that granularity unit is for)."""
+        stack = self.buffers[name]
+        theta = (w * stack.to(accumulation_dtype(stack.dtype))).sum(0)
+        offset = self.offset.get(name)
+        return theta if offset is None else theta + offset
+
+    def _entry_grad(self, name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+        """``dL/dtheta -> dL/dw`` for weights per entry: ``dL/dw[j] = dL/dtheta * stack[j]``."""
+        stack = self.buffers[name]
+        return lambda grad: grad.unsqueeze(0) * stack.to(grad.dtype)
 
     def _mix_step(self, name: str, w: torch.Tensor, axis: int | None) -> torch.Tensor:
         """One training step's merge of ``name`` into its reused buffer (fused when on)."""

@@ -94,7 +94,8 @@ def context_spec(ctx: MergeContext) -> PermutationSpec:
         ctx.align_spec = permutation_spec(model, example_input(ctx.merge_loader))
     except PlanError as exc:
         raise PlanError(
-            f"plan.align / plan.repair: {exc} (from Python: MergeContext(..., align_spec=spec))"
+            f"plan.align / plan.repair / granularity unit: {exc} "
+            "(from Python: MergeContext(..., align_spec=spec))"
         ) from None
     return ctx.align_spec
 

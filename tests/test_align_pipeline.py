@@ -393,6 +393,25 @@ def test_yaml_plan_align_ste_reports_its_search(tmp_path, independent):
     assert "aligned by ste" in (tmp_path / "out" / "summary.md").read_text()
 
 
+def test_yaml_plan_granularity_unit_gates_whole_hidden_units(tmp_path, independent):
+    """plan.granularity 'unit' from YAML, after alignment: one gate column per hidden unit of
+    net.1 (shared by its row of net.1 and its column of net.2) and per class; the written file
+    is the model the summary evaluated."""
+    _, paths = independent
+    plan = {"align": "weight_matching", "granularity": "unit"}
+    cfg = _config(tmp_path, paths, plan=plan)
+    assert main(["merge", str(cfg), "--no-progress", "-q"]) == 0
+    out = tmp_path / "out"
+    units = [u["name"] for u in json.loads((out / "gates.json").read_text())["units"]]
+    assert len(units) == 32 + 10 and units[0] == "net.1[0]" and units[-1] == "net.3[9]"
+    model = MLP(64, (32,))
+    model.load_state_dict(load_file(str(out / "merged.safetensors")))
+    test = digits_splits(num_merge=300, num_test=400, seed=0).test
+    accuracy, _ = evaluate(model, DataLoader(test, batch_size=64))
+    rows = json.loads((out / "summary.json").read_text())["results"]
+    assert accuracy == next(r for r in rows if r["model"].startswith("soft"))["accuracy"]
+
+
 def test_yaml_rejects_an_unknown_alignment(tmp_path, independent, capsys):
     _, paths = independent
     cfg = _config(tmp_path, paths, plan={"align": "weights"})

@@ -200,6 +200,7 @@ def build_layout(
     for name in merged:
         shape = tuple(shapes[name])
         axis: int | None = None
+        inputs: list[tuple[int, int, int, int]] = []  # granularity unit: other unit axes
         if plan.granularity == "model":
             start, count = block("model", ["model"])
         elif plan.granularity == "module":
@@ -217,15 +218,12 @@ def build_layout(
             else:  # output channels outside any group (a classifier's classes): their own
                 rows = shape[axis]
                 start, count = block(("channel", mod, rows), [f"{mod}[{i}]" for i in range(rows)])
-            inputs = []
             for other, (group, size, per) in sorted(groups.items()):
                 first, n = block(("group", group), [f"{group}[{i}]" for i in range(size)])
                 inputs.append((other, first, n, per))
-            slots.append(Slot(name, start, count, axis, tuple(inputs)))
-            continue
         else:
             start, count = block(("tensor", name), [name])
-        slots.append(Slot(name, start, count, axis))
+        slots.append(Slot(name, start, count, axis, tuple(inputs)))
     chosen = set(merged)
     rest = tuple(n for n in names if n not in chosen)
     return GateLayout(tuple(units), tuple(slots), rest)

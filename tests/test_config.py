@@ -232,7 +232,7 @@ ERRORS: list[tuple[str, Edit, str]] = [
     (
         "bad granularity",
         _set("plan", granularity="foo"),
-        "plan.granularity: expected one of model, module, tensor, channel, got 'foo'",
+        "plan.granularity: expected one of model, module, tensor, channel, unit, got 'foo'",
     ),
     ("zero steps", _set("fit", steps=0), "fit.steps: must be >= 1, got 0"),
     ("string steps", _set("fit", steps="300"), "fit.steps: expected an integer, got '300'"),

@@ -11,12 +11,12 @@ from typing import Any
 import pytest
 import torch
 import yaml
+from permuted import permuted_copies
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from softmerge import FitConfig, MergePlan, PlanError, SoftMerger
-from softmerge.align import apply_permutation, permutation_spec
 from softmerge.checkpoint import load_checkpoint
 from softmerge.cli import main
 from softmerge.data import digits_splits
@@ -53,19 +53,6 @@ def loader_of(x: torch.Tensor, seed: int = 0, batch: int = 16) -> DataLoader:
 
 def state_of(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def permuted_copies(model: nn.Module, x: torch.Tensor, count: int) -> list[dict]:
-    """``count`` copies of ``model``'s state with their hidden units randomly permuted: each
-    computes the same function, but their unit orders differ."""
-    spec = permutation_spec(model, x[:2])
-    state = state_of(model)
-    copies = []
-    for k in range(count):
-        g = torch.Generator().manual_seed(10 + k)
-        perms = {n: torch.randperm(grp.size, generator=g) for n, grp in spec.groups.items()}
-        copies.append(apply_permutation(spec, perms, state))
-    return copies
 
 
 def assert_same_state(a: dict, b: dict) -> None:

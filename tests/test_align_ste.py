@@ -6,6 +6,7 @@ import itertools
 
 import pytest
 import torch
+from permuted import permuted_copies
 from torch.utils.data import DataLoader, TensorDataset
 
 from softmerge import MergePlan, PlanError
@@ -87,17 +88,6 @@ def test_ste_through_align_candidates_needs_data_and_sane_settings():
         ste_matching(spec, states[:1], loss_of, select)
 
 
-def permuted_copies(model, x, count):
-    spec = permutation_spec(model, x[:2])
-    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    out = [state]
-    for k in range(count):
-        g = torch.Generator().manual_seed(10 + k)
-        perms = {n: torch.randperm(grp.size, generator=g) for n, grp in spec.groups.items()}
-        out.append(apply_permutation(spec, perms, state))
-    return out
-
-
 @pytest.mark.parametrize("name", ["mlp", "resnet"])
 def test_plan_align_ste_brings_permuted_copies_back_and_reports_the_search(name):
     """Through the context: permuted copies of one model (a ResNet with BatchNorm too) come
@@ -117,7 +107,8 @@ def test_plan_align_ste_brings_permuted_copies_back_and_reports_the_search(name)
         TensorDataset(x, y), batch_size=16, shuffle=True, generator=torch.Generator().manual_seed(0)
     )
     order = [b[1].tolist() for b in twin]
-    copies = permuted_copies(model, x, 2)
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    copies = [state, *permuted_copies(model, x, 2)]
     untouched = [{k: v.clone() for k, v in c.items()} for c in copies]
     ctx = MergeContext(
         model.eval(),

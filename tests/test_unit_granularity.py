@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from permuted import permuted_copies
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from softmerge import MergePlan, PlanError, SoftMerger
-from softmerge.align import apply_permutation, permutation_spec
 from softmerge.methods import MergeContext, get_method
 from softmerge.plan import build_layout
 from softmerge.zoo import CNN2D, MLP, ResNet1D, seeded
@@ -128,13 +128,8 @@ def test_the_training_step_gives_the_gates_the_gradient_of_plain_autograd(kind: 
 def test_permuted_copies_aligned_and_merged_by_units_give_the_model_back() -> None:
     model = make("cnn", 0)
     x = next(iter(loader("cnn")))[0]
-    spec = permutation_spec(model, x[:2])
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    copies = []
-    for k in range(2):
-        g = torch.Generator().manual_seed(10 + k)
-        perms = {n: torch.randperm(grp.size, generator=g) for n, grp in spec.groups.items()}
-        copies.append(apply_permutation(spec, perms, state))
+    copies = permuted_copies(model, x, 2)
     ctx = MergeContext(
         model=make("cnn", 0),
         candidates=[state, *copies],

@@ -10,6 +10,8 @@ one pool. ``distill`` rows learn against the output ensemble's mean prediction o
 split (``alpha``: the weight of the labels' cross-entropy). ``REFERENCE`` as ``plan.base``
 stands for the reference candidate: a delta merge around it. ``unit`` rows gate whole hidden
 units (``plan.granularity: unit``: a unit's incoming and outgoing weights by the same gates).
+Rows with ``select_every`` hold a seeded fifth of the merge split out (as YAML ``data.held_out:
+0.2`` does), learn on the rest and keep the gates of the step with the lowest held-out loss.
 Prints test accuracy minus the best single model, mean and per seed, then the same on the
 merge split the gates were fitted on (how much of a gain is overfitting) and the candidates left
 open, and writes ``align_tuning.json`` beside the cache.
@@ -30,9 +32,11 @@ from run import Runner, accuracy, batches, merge_loader, model_with, predict
 from torch.utils.data import TensorDataset
 
 from softmerge.align import align_candidates
+from softmerge.compare import split_held_out
 from softmerge.methods import MergeContext, get_method
 from softmerge.plan import MergePlan
 
+HELD_OUT = 0.2  # the fraction of the merge split early-stopping rows hold out
 REFERENCE = "<reference>"  # plan.base: the candidate every other one was aligned to
 AROUND_REFERENCE = {"combine": "delta", "base": REFERENCE, "delta_scale": "learn"}
 
@@ -59,6 +63,19 @@ VARIANTS: dict[str, tuple[str, dict[str, Any], dict[str, Any], float | None]] = 
     "unit gates, 2000 steps, no warm-up, solo_prior 0": (
         "unit",
         {**TUNED_FIT, "steps": 2000, "warmup": 0.0, "solo_prior": 0.0},
+        {},
+        None,
+    ),
+    "unit gates, distill (alpha 0.5)": ("unit", TUNED_FIT, {}, 0.5),
+    "tuned, early stopping on a held-out fifth": (
+        "channel",
+        {**TUNED_FIT, "select_every": 25},
+        {},
+        None,
+    ),
+    "unit gates, 3000 steps, early stopping on a held-out fifth": (
+        "unit",
+        {**TUNED_FIT, "steps": 3000, "select_every": 25},
         {},
         None,
     ),
@@ -121,6 +138,10 @@ def run_family(runner: Runner, key: str, seed: int, out: list[dict]) -> None:
     distilled = ensemble_targets(arch, aligned, splits.merge)
     for label, (granularity, fit, plan, alpha) in VARIANTS.items():
         data = splits.merge if alpha is None else distilled
+        held_out = None
+        if fit.get("select_every"):
+            data, held = split_held_out(data, HELD_OUT, seed)
+            held_out = merge_loader(held, seed, batch)
         if plan.get("base") == REFERENCE:
             plan = {**plan, "base": names[best]}
         objective = "auto" if alpha is None else distillation(alpha)
@@ -130,6 +151,7 @@ def run_family(runner: Runner, key: str, seed: int, out: list[dict]) -> None:
             names=names,
             plan=MergePlan(granularity=granularity, **plan),
             merge_loader=merge_loader(data, seed, batch),
+            held_out_loader=held_out,
             seed=seed,
             objective=objective,  # ranks the candidates
         )

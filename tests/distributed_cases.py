@@ -101,6 +101,20 @@ def mlp_channel() -> dict[str, Any]:
     return _result(merger)
 
 
+def mlp_early_stopping() -> dict[str, Any]:
+    """fit.select_every: every process scores the held-out data of the whole run, so all take
+    the same step, the one a single process takes."""
+    model = _mlp()
+    cands = [_perturbed(model, s, 0.05) for s in (1, 2)] + [_perturbed(model, 3, 1.0)]
+    train = _classification_batches(0, 96, 12, 10, 3)
+    held = _classification_batches(2, 40, 10, 10, 3)
+    merger = SoftMerger(model, cands, MergePlan(granularity="channel"))
+    cfg = FitConfig(steps=30, lr=0.3, select_every=5, progress=False, seed=3)
+    merger.fit(train, config=cfg, held_out=held)
+    assert merger.result is not None
+    return {**_result(merger), "selected_step": merger.result.selected_step}
+
+
 def bn_tensor() -> dict[str, Any]:
     """BatchNorm in training mode during gate steps (the global batch's statistics), scored on
     whole batches, re-estimated after the fit."""
@@ -176,7 +190,15 @@ def sharded_bf16_model() -> dict[str, Any]:
 
 CASES: dict[str, Callable[[], dict[str, Any]]] = {
     f.__name__: f
-    for f in (mlp_channel, bn_tensor, lm_tokens, sharded_delta, sharded_bf16, sharded_bf16_model)
+    for f in (
+        mlp_channel,
+        mlp_early_stopping,
+        bn_tensor,
+        lm_tokens,
+        sharded_delta,
+        sharded_bf16,
+        sharded_bf16_model,
+    )
 }
 
 

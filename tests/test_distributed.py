@@ -394,6 +394,16 @@ def test_python_api_on_two_processes_matches_one(api_runs: dict[str, Any], case:
         assert two["stack_bytes"] < 0.6 * one["stack_bytes"]
 
 
+def test_early_stopping_on_two_processes_selects_the_step_of_one(api_runs: dict[str, Any]) -> None:
+    one, two = _cases()["mlp_early_stopping"](), api_runs["mlp_early_stopping"]
+    assert one["selected_step"] is not None and one["selected_step"] == two["selected_step"]
+    assert torch.allclose(one["gates"], two["gates"], atol=1e-5, rtol=0)
+    held = [(r["step"], r["held_out_loss"]) for r in one["history"] if "held_out_loss" in r]
+    held_two = [(r["step"], r["held_out_loss"]) for r in two["history"] if "held_out_loss" in r]
+    assert [s for s, _ in held] == [s for s, _ in held_two] == list(range(0, 31, 5))
+    assert [v for _, v in held] == pytest.approx([v for _, v in held_two], rel=1e-5)
+
+
 def test_sharded_bfloat16_model_gathers_the_same_bits(api_runs: dict[str, Any]) -> None:
     one, two = _cases()["sharded_bf16_model"](), api_runs["sharded_bf16_model"]
     for key, value in one["start"].items():

@@ -746,6 +746,20 @@ CASES = [
         ["{dir}/merge.yaml", "fit.l0_lambda", "not checkpointed"],
     ),
     Case(
+        "select-every-no-held-out",
+        "Early stopping with no held-out data",
+        "`fit: {select_every: 25}`",
+        _config(setting("fit", select_every=25)),
+        ["{dir}/merge.yaml", "fit.select_every", "data.held_out"],
+    ),
+    Case(
+        "select-every-auto-lambda",
+        "Early stopping and λ chosen on held-out data",
+        "`fit: {select_every: 25, l0_lambda: auto}`",
+        _config(setting("fit", select_every=25, l0_lambda="auto")),
+        ["{dir}/merge.yaml", "fit", "select_every"],
+    ),
+    Case(
         "infinite-lr",
         "A non-finite number",
         "`fit: {lr: .inf}`",

@@ -277,6 +277,30 @@ def test_merge_with_a_registry_method_writes_its_state_dict(files, digits, famil
     assert summary["method"] == "ties" and summary["params"]["density"] == 0.5
 
 
+def test_soft_merge_early_stopping_from_yaml(files):
+    """fit.select_every with data.held_out: the summary names the step whose gates were kept."""
+    fit = {"steps": 20, "select_every": 5, "optimizer": "adam", "lr": 0.05}
+    cfg = _yaml(files, method="soft", plan={"base": None}, fit=fit)
+    assert main(["merge", str(cfg), "--out", str(files / "es"), "--no-progress", "-q"]) == 0
+    info = json.loads((files / "es" / "summary.json").read_text())["info"]
+    assert info["selected_step"] in range(0, 21, 5)
+    assert math.isfinite(info["held_out_loss"])
+    text = (files / "es" / "summary.md").read_text()
+    assert f"the gates of step {info['selected_step']} were kept" in text
+    assert "(300 samples; 90 of them held out)" in text
+
+
+def test_soft_merge_early_stopping_without_held_out_data_is_refused(files, capsys):
+    cfg = _yaml(files, method="soft", plan={"base": None}, fit={"steps": 20, "select_every": 5})
+    config = yaml.safe_load(cfg.read_text())
+    config["data"]["held_out"] = 0.0
+    cfg.write_text(yaml.safe_dump(config))
+    out = files / "never-es"
+    assert main(["merge", str(cfg), "--out", str(out), "--no-progress", "-q"]) == 2
+    assert "fit.select_every" in capsys.readouterr().err
+    assert not out.exists()
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [

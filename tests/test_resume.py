@@ -263,6 +263,32 @@ def test_resume_in_process_is_bit_identical(
     assert not ckpt.exists()  # deleted once training is done
 
 
+def test_resume_keeps_the_early_stopping_selection(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """fit.select_every: the best step seen before the interruption is saved with the loop, so
+    the resumed run keeps the same gates as an uninterrupted one."""
+    cfg = FitConfig(steps=40, checkpoint_every=4, select_every=6, progress=False, seed=2)
+    held = DataLoader(TensorDataset(*_data(2, 48)), batch_size=16)
+    reference = _merger()
+    reference.fit(_loader(), config=cfg, held_out=held)
+    want = _state(reference)
+
+    ckpt = tmp_path / "fit.ckpt"
+    with monkeypatch.context() as patch:
+        _interrupt_at(patch, 27)
+        with pytest.raises(KeyboardInterrupt):
+            _merger().fit(_loader(), config=cfg, held_out=held, checkpoint=ckpt)
+    assert load_checkpoint(ckpt)["callbacks"]["select_best"]["history"]  # saved with the loop
+
+    resumed = _merger()
+    resumed.fit(_loader(), config=cfg, held_out=held, checkpoint=ckpt, resume=True)
+    _assert_same(want, _state(resumed))
+    assert reference.result is not None and resumed.result is not None
+    assert resumed.result.selected_step == reference.result.selected_step
+    assert resumed.result.held_out_loss == reference.result.held_out_loss
+
+
 def test_training_does_not_change_the_candidates_batchnorm_statistics() -> None:
     merger = _merger()
     before = {k: v.clone() for c in merger.candidates for k, v in c.state.items()}

@@ -564,6 +564,7 @@ def _check(cfg: MergeConfig, report: _Reporter) -> None:
     _check_base(cfg, report)
     _check_rest_from(cfg, report)
     _check_methods(cfg, report)
+    _check_early_stopping(cfg, report)
     from .export import parse_size
 
     try:
@@ -658,6 +659,24 @@ def _import_factory(spec: str, root: Path, report: _Reporter | None = None) -> C
             "model.factory", f"'{spec}' is not callable (it is a {type(obj).__name__})"
         )
     return obj
+
+
+def _check_early_stopping(cfg: MergeConfig, report: _Reporter) -> None:
+    """A soft merge with ``select_every`` needs held-out data (``data.held_out``)."""
+    if cfg.data is not None and cfg.data.held_out > 0:
+        return
+    checks = [("params", cfg.method, cfg.params)]
+    checks += [
+        (f"methods[{i}].params", e.method, e.params) for i, e in enumerate(cfg.methods or [])
+    ]
+    for key, method, params in checks:
+        if method != "soft" or not cfg.build_method(method, params).params.select_every:
+            continue
+        raise report.fail(
+            f"{key}.select_every" if "select_every" in params else "fit.select_every",
+            "keeps the gates of the step with the lowest held-out loss, but no merge data is "
+            "held out: set data.held_out (a fraction, e.g. 0.2) or select_every to 0",
+        )
 
 
 def _check_kwargs(

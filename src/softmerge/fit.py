@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Literal, Protocol
 
 import torch
-from pydantic import BeforeValidator, Field, field_validator
+from pydantic import BeforeValidator, Field, field_validator, model_validator
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -87,6 +87,9 @@ class FitConfig(Settings):
     # "entropy" (unlabeled, as in AdaMerging), "module:function", or a callable.
     objective: str | Callable[..., Any] = "auto"
     eval_every: int = Field(50, ge=0)  # validate the deterministic merge every K steps (0: never)
+    # Early stopping: score the deterministic merge on held-out data (YAML data.held_out) every
+    # K steps and keep the gates of the step with the lowest held-out loss (0: the last step).
+    select_every: int = Field(0, ge=0)
     record_every: int = Field(10, ge=1)  # history and gate trajectory every K steps
     rank_batches: int = Field(4, ge=1)  # batches used to rank candidates before training
     recalibrate_bn: bool = True  # re-estimate BatchNorm statistics after merging
@@ -132,6 +135,16 @@ class FitConfig(Settings):
             raise ValueError(str(exc).removeprefix("storage_dtype ")) from None
         return value
 
+    @model_validator(mode="after")
+    def _one_selection(self) -> FitConfig:
+        if self.select_every and self.l0_lambda == "auto":
+            raise ValueError(
+                "select_every picks a step of one fit, but l0_lambda 'auto' already picks a "
+                "point of the L0 path on held-out data: set select_every to 0 or give "
+                "l0_lambda a number"
+            )
+        return self
+
     def total_steps(self, loader: Any) -> int:
         """``steps``, or ``epochs`` passes over a loader that has a length."""
         if self.epochs is not None:
@@ -155,6 +168,9 @@ class FitResult:
     gate_trajectory: list[torch.Tensor]  # deterministic gates (N, U) at each recorded step
     candidate_losses: dict[str, float]  # each candidate alone, on the ranking batches
     reference: str  # best-ranked candidate: fallback and default source of the rest
+    # fit.select_every: the step whose gates were kept, and their held-out loss
+    selected_step: int | None = None
+    held_out_loss: float | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -393,35 +409,38 @@ class Validator(Callback):
 
 @dataclass
 class Selection:
-    """The best value seen by :class:`SelectBest` and the step it was seen at."""
+    """The best score seen by :class:`SelectBest`, the step it was seen at and the trained
+    parameters' values then."""
 
     score: float
     step: int
-    value: torch.Tensor
+    values: list[torch.Tensor]
 
 
 class SelectBest(Callback):
-    """Early stopping: every ``every`` steps (and at the start and the end) ``score(params)``
-    is computed (higher is better) and the best parameters are kept, ties going to the earlier.
-    """
+    """Early stopping: every ``every`` steps (and at the start and the end) ``score()`` rates
+    the current ``params`` (its ``loss``: lower is better) and the best values are kept, ties
+    going to the earlier step; :meth:`restore` puts them back. Its state is checkpointed, so a
+    resumed run selects as an uninterrupted one would."""
 
     name = "select_best"
 
     def __init__(
-        self, every: int, param: nn.Parameter, score: Callable[[torch.Tensor], dict[str, float]]
+        self, every: int, params: Sequence[nn.Parameter], score: Callable[[], dict[str, float]]
     ) -> None:
         self.every = every
-        self.param = param
+        self.params = list(params)
         self.score = score
         self.best: Selection | None = None
         self.history: list[dict[str, float]] = []
 
     def _consider(self, step: int) -> None:
-        metrics = self.score(self.param.detach())
+        metrics = self.score()
         self.history.append({"step": step, **{f"held_out_{k}": v for k, v in metrics.items()}})
         value = -metrics["loss"]  # loss, not accuracy: a few hundred samples move accuracy
         if self.best is None or value > self.best.score:  # in steps of whole samples
-            self.best = Selection(value, step, self.param.detach().clone())
+            values = [p.detach().clone() for p in self.params]
+            self.best = Selection(value, step, values)
 
     def on_start(self, loop: FitLoop) -> None:
         if loop.step == 0:
@@ -430,6 +449,30 @@ class SelectBest(Callback):
     def on_step(self, loop: FitLoop, info: StepInfo) -> None:
         if info.step % self.every == 0 or info.step == info.total:
             self._consider(info.step)
+
+    def restore(self) -> Selection | None:
+        """Copy the best values into the parameters; the selection (None: nothing scored)."""
+        if self.best is not None:
+            with torch.no_grad():
+                for param, value in zip(self.params, self.best.values, strict=True):
+                    param.copy_(value)
+        return self.best
+
+    def state_dict(self) -> dict[str, Any]:
+        best = self.best
+        saved = None if best is None else {"score": best.score, "step": best.step}
+        return {
+            "best": saved,
+            "values": [] if best is None else best.values,
+            "history": self.history,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.history = list(state.get("history", []))
+        best = state.get("best")
+        self.best = None
+        if best is not None:
+            self.best = Selection(float(best["score"]), int(best["step"]), list(state["values"]))
 
 
 def default_optimizer(

@@ -305,6 +305,11 @@ def fit_path(
     the chosen point's gates (BatchNorm statistics re-estimated), ``merger.result`` the path's
     training history and ``merger.path`` the returned :class:`LambdaPath`."""
     cfg = config or FitConfig()
+    if cfg.select_every:
+        raise PlanError(
+            "select_every picks a step of one fit, but the L0 path already picks a point on "
+            "held-out data: set select_every to 0"
+        )
     grid = None if lambdas is None else check_grid(lambdas)
     total = cfg.total_steps(loader)
     stage = stage_steps if stage_steps is not None else max(1, round(total * STAGE_FRACTION))

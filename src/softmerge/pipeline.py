@@ -411,7 +411,11 @@ def merge_summary(
         "base": None if ctx.base_candidate is None else ctx.base_candidate.source,
         "merge_set": None
         if data is None
-        else {"source": data.merge_source, "samples": len(data.merge)},  # type: ignore[arg-type]
+        else {
+            "source": data.merge_source,
+            "samples": len(data.merge),  # type: ignore[arg-type]
+            "held_out": 0 if run.held_out is None else len(run.held_out.dataset),  # type: ignore[arg-type]
+        },
         "eval_set": None
         if data is None or data.eval is None
         else {"source": data.eval_source, "samples": len(data.eval)},  # type: ignore[arg-type]
@@ -446,8 +450,16 @@ def summary_markdown(summary: dict[str, Any]) -> str:
             f"- steps: {summary['steps']}; reference (best-ranked) candidate: "
             f"{summary['reference']}"
         )
+    info = summary.get("info", {})
+    if "selected_step" in info:  # fit.select_every
+        lines.append(
+            f"- early stopping: the gates of step {info['selected_step']} were kept "
+            f"(lowest held-out loss, {info['held_out_loss']:.4g})"
+        )
     if summary["merge_set"]:
-        lines.append("- merge set: {source} ({samples} samples)".format(**summary["merge_set"]))
+        merge_set = summary["merge_set"]
+        held = f"; {merge_set['held_out']} of them held out" if merge_set.get("held_out") else ""
+        lines.append(f"- merge set: {merge_set['source']} ({merge_set['samples']} samples{held})")
     lines += alignment_lines(summary.get("alignment"))
     lines.append("")
     if summary["results"]:

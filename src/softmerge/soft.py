@@ -50,6 +50,7 @@ from .fit import (
     FitResult,
     Progress,
     Recorder,
+    SelectBest,
     Validator,
     default_optimizer,
 )
@@ -324,8 +325,13 @@ class SoftMerger:
         resume: bool = False,
         keep_checkpoint: bool = False,
         run_key: str = "",
+        held_out: Iterable[Batch] | None = None,
     ) -> FitResult:
         """Learn the gates on ``loader`` (the merge set); candidates' weights stay frozen.
+
+        ``held_out``: data the gates never train on. With ``config.select_every`` the
+        deterministic merge is scored on it every that many steps (the start and the end
+        included) and the gates of the step with the lowest loss are kept: early stopping.
 
         ``loss_fn(logits, labels)`` (or ``config.objective``) replaces the objective the model
         implies. ``checkpoint``: a file where the training state is saved (atomically) every
@@ -344,6 +350,7 @@ class SoftMerger:
         saved = distributed.load_checkpoint_shared(ckpt) if resume and ckpt is not None else None
         start = time.perf_counter()
         loop = self.make_loop(loader, cfg, val_loader, loss_fn)
+        select = self._add_selection(loop, cfg, held_out)
         losses = dict(self.ctx.solo_losses())
         if ckpt is not None:
             self._add_checkpointer(loop, cfg, ckpt, saved, losses, run_key, keep_checkpoint)
@@ -352,6 +359,7 @@ class SoftMerger:
             loop.run(cycle_batches(loader))
         finally:
             self.stack.release_outputs()
+        chosen = None if select is None else select.restore()
         self.model.eval()
         self.final.forget()
         if cfg.recalibrate_bn and has_batchnorm(self.model):
@@ -359,15 +367,37 @@ class SoftMerger:
         if ckpt is not None and not keep_checkpoint and distributed.is_writer():
             remove_checkpoint(ckpt)
         recorder = loop.callback(Recorder)
+        history = recorder.history
+        if select is not None:
+            history = sorted([*history, *select.history], key=lambda r: r["step"])
         self.result = FitResult(
             steps=loop.total_steps,
             seconds=loop.seconds_before + time.perf_counter() - start,
-            history=recorder.history,
+            history=history,
             gate_trajectory=recorder.trajectory,
             candidate_losses=losses,
             reference=self.names[self.ctx.reference],
+            selected_step=None if chosen is None else chosen.step,
+            held_out_loss=None if chosen is None else -chosen.score,
         )
         return self.result
+
+    def _add_selection(
+        self, loop: FitLoop, cfg: FitConfig, held_out: Iterable[Batch] | None
+    ) -> SelectBest | None:
+        """``select_every``: a SelectBest over the gate parameters, scored on ``held_out``
+        (added before a checkpointer, so its state is saved and restored with the loop's)."""
+        if not cfg.select_every:
+            return None
+        if held_out is None:
+            raise PlanError(
+                "fit.select_every keeps the gates of the step with the best held-out loss, but "
+                "there is no held-out data: set data.held_out (a fraction of the merge set) in "
+                "the YAML, pass held_out= to SoftMerger.fit, or set fit.select_every to 0"
+            )
+        select = SelectBest(cfg.select_every, self.gate_parameters, lambda: self._score(held_out))
+        loop.callbacks.append(select)
+        return select
 
     def fit_path(
         self,

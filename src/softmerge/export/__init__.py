@@ -84,6 +84,8 @@ def export_soft_merge(
             seconds=round(result.seconds, 3),
             candidate_losses=result.candidate_losses,
         )
+        if result.selected_step is not None:  # fit.select_every: the gates of this step
+            info.update(selected_step=result.selected_step, held_out_loss=result.held_out_loss)
     info.update(dict(extra or {}))
     written = write_merged(
         out_dir,
@@ -121,6 +123,9 @@ def export_soft_merge(
     if result is not None and result.history:
         paths["history"] = write_json(out_dir / "history.json", result.history)
         paths["convergence"] = plot_convergence(
-            out_dir / "convergence.png", result.history, candidates=merger.names
+            out_dir / "convergence.png",
+            result.history,
+            candidates=merger.names,
+            selected_step=result.selected_step,
         )
     return paths

@@ -75,11 +75,11 @@ class CoefficientMerge:
         select = None
         if held_out is not None:
 
-            def score(value: torch.Tensor) -> dict[str, float]:
-                model = self.ctx.build(self.outcome_state(to_coefficients(value)))
+            def score() -> dict[str, float]:
+                model = self.ctx.build(self.outcome_state(to_coefficients(raw.detach())))
                 return self.ctx.evaluate(model, held_out)
 
-            select = SelectBest(select_every, raw, score)
+            select = SelectBest(select_every, [raw], score)
             callbacks.append(select)
         loop = FitLoop(problem, torch.optim.Adam([raw], lr=lr), steps, callbacks=callbacks)
         loop.run(cycle_batches(loader))
@@ -91,7 +91,7 @@ class CoefficientMerge:
             return to_coefficients(raw.detach()), {"history": history, "selected_step": steps}
         best = select.best
         record = {"history": history, "selected_step": best.step, "held_out_loss": -best.score}
-        return to_coefficients(best.value), record
+        return to_coefficients(best.values[0]), record
 
     def outcome_state(self, coefficients: torch.Tensor) -> State:
         with torch.no_grad():

@@ -56,9 +56,13 @@ class SoftMerging(MergeMethod):
             resume=bool(spec and spec.resume),
             keep_checkpoint=bool(spec and spec.keep),
             run_key="" if spec is None else spec.run_key,
+            held_out=ctx.held_out_loader if cfg.select_every else None,
         )
         state = merger.merged_state_dict()
         info = {"merger": merger, "fit": merger.result}
+        if merger.result is not None and merger.result.selected_step is not None:
+            info["selected_step"] = merger.result.selected_step  # fit.select_every
+            info["held_out_loss"] = merger.result.held_out_loss
         repair = merger.final.repair_note()  # plan.repair: done on the merger's own state
         if repair is not None:
             info["repair"] = repair

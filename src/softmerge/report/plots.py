@@ -103,10 +103,11 @@ def _mark_empty(ax: Axes) -> None:
 
 def _plot_losses(ax: Axes, history: Sequence[dict[str, Any]]) -> None:
     drawn = False
-    for key in ("loss", "task_loss", "val_loss"):
+    for key in ("loss", "task_loss", "val_loss", "held_out_loss"):
         xs, ys = _series(history, key)
         if xs:
-            _line(ax, xs, ys, label=key, linestyle="--" if key == "val_loss" else "-")
+            dashed = key in ("val_loss", "held_out_loss")
+            _line(ax, xs, ys, label=key, linestyle="--" if dashed else "-")
             drawn = True
     if drawn:
         ax.legend(fontsize="small")
@@ -175,13 +176,27 @@ def plot_convergence(
     history: list[dict[str, Any]],
     candidates: list[str] | None = None,
     title: str | None = None,
+    selected_step: int | None = None,
 ) -> Path:
-    """Three panels against step: losses, expected L0, mean gate per candidate (+ val_acc)."""
+    """Three panels against step: losses, expected L0, mean gate per candidate (+ val_acc);
+    ``selected_step`` (early stopping: the step whose gates were kept) is marked on each."""
     fig = _new_figure((16, 4.5))
     axes = fig.subplots(1, 3)
     for ax in axes:
         ax.xaxis.set_major_locator(_integer_ticks())  # steps are whole numbers
     _plot_losses(axes[0], history)
+    if selected_step is not None:
+        for ax in axes:
+            ax.axvline(selected_step, color="grey", linestyle=":", linewidth=1)
+        axes[0].annotate(
+            f"kept: step {selected_step}",
+            (selected_step, 1.0),
+            xycoords=("data", "axes fraction"),
+            xytext=(3, -12),
+            textcoords="offset points",
+            fontsize="small",
+            color="grey",
+        )
     _plot_l0(axes[1], history)
     _plot_gates(axes[2], history, candidates)
     if title is not None:

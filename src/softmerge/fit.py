@@ -450,6 +450,10 @@ class SelectBest(Callback):
         if info.step % self.every == 0 or info.step == info.total:
             self._consider(info.step)
 
+    def with_history(self, history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """``history`` (a Recorder's) and this callback's held-out records, in step order."""
+        return sorted([*history, *self.history], key=lambda r: r["step"])
+
     def restore(self) -> Selection | None:
         """Copy the best values into the parameters; the selection (None: nothing scored)."""
         if self.best is not None:

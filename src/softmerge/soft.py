@@ -367,9 +367,7 @@ class SoftMerger:
         if ckpt is not None and not keep_checkpoint and distributed.is_writer():
             remove_checkpoint(ckpt)
         recorder = loop.callback(Recorder)
-        history = recorder.history
-        if select is not None:
-            history = sorted([*history, *select.history], key=lambda r: r["step"])
+        history = recorder.history if select is None else select.with_history(recorder.history)
         self.result = FitResult(
             steps=loop.total_steps,
             seconds=loop.seconds_before + time.perf_counter() - start,

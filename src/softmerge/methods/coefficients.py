@@ -84,9 +84,7 @@ class CoefficientMerge:
         loop = FitLoop(problem, torch.optim.Adam([raw], lr=lr), steps, callbacks=callbacks)
         loop.run(cycle_batches(loader))
         self.model.eval()
-        history = sorted(
-            [*recorder.history, *(select.history if select else [])], key=lambda r: r["step"]
-        )
+        history = recorder.history if select is None else select.with_history(recorder.history)
         if select is None or select.best is None:
             return to_coefficients(raw.detach()), {"history": history, "selected_step": steps}
         best = select.best

@@ -564,7 +564,6 @@ def _check(cfg: MergeConfig, report: _Reporter) -> None:
     _check_base(cfg, report)
     _check_rest_from(cfg, report)
     _check_methods(cfg, report)
-    _check_early_stopping(cfg, report)
     from .export import parse_size
 
     try:
@@ -585,7 +584,7 @@ def _check_methods(cfg: MergeConfig, report: _Reporter) -> None:
             raise report.fail(key, str(exc)) from None
         params_key = "params" if key == "method" else f"{key}.params"
         try:
-            cfg.build_method(entry.method, entry.params)
+            method = cfg.build_method(entry.method, entry.params)
         except SoftmergeError as exc:
             raise report.fail(params_key, str(exc)) from None
         for name in entry.plan:
@@ -605,6 +604,7 @@ def _check_methods(cfg: MergeConfig, report: _Reporter) -> None:
                     f"{name!r} is not a candidate name ({', '.join(names)})"
                     + _suggest(name, names),
                 )
+        _check_early_stopping(cfg, method, entry.params, params_key, report)
 
 
 _FACTORY = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
@@ -661,22 +661,23 @@ def _import_factory(spec: str, root: Path, report: _Reporter | None = None) -> C
     return obj
 
 
-def _check_early_stopping(cfg: MergeConfig, report: _Reporter) -> None:
+def _check_early_stopping(
+    cfg: MergeConfig,
+    method: MergeMethod,
+    params: Mapping[str, Any],
+    params_key: str,
+    report: _Reporter,
+) -> None:
     """A soft merge with ``select_every`` needs held-out data (``data.held_out``)."""
+    if method.name != "soft" or not method.params.select_every:
+        return
     if cfg.data is not None and cfg.data.held_out > 0:
         return
-    checks = [("params", cfg.method, cfg.params)]
-    checks += [
-        (f"methods[{i}].params", e.method, e.params) for i, e in enumerate(cfg.methods or [])
-    ]
-    for key, method, params in checks:
-        if method != "soft" or not cfg.build_method(method, params).params.select_every:
-            continue
-        raise report.fail(
-            f"{key}.select_every" if "select_every" in params else "fit.select_every",
-            "keeps the gates of the step with the lowest held-out loss, but no merge data is "
-            "held out: set data.held_out (a fraction, e.g. 0.2) or select_every to 0",
-        )
+    raise report.fail(
+        f"{params_key}.select_every" if "select_every" in params else "fit.select_every",
+        "keeps the gates of the step with the lowest held-out loss, but no merge data is "
+        "held out: set data.held_out (a fraction, e.g. 0.2) or select_every to 0",
+    )
 
 
 def _check_kwargs(

@@ -56,7 +56,7 @@ class SoftMerging(MergeMethod):
             resume=bool(spec and spec.resume),
             keep_checkpoint=bool(spec and spec.keep),
             run_key="" if spec is None else spec.run_key,
-            held_out=ctx.held_out_loader if cfg.select_every else None,
+            held_out=ctx.held_out_loader,  # scored only with fit.select_every
         )
         state = merger.merged_state_dict()
         info = {"merger": merger, "fit": merger.result}
